@@ -1,0 +1,230 @@
+"""Command line: argument parsing and dispatch only. The work happens in the modules it calls.
+
+Errors a user can fix (`UserError`) print one message and exit with code 2; anything else is
+a bug in gptrain and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import typing
+from typing import Any
+
+from gptrain import __version__
+from gptrain.config import NOT_YET_SUPPORTED, OPTIONS, build_config, field_type, suggest
+from gptrain.errors import UserError
+
+TRAIN_DESCRIPTION = """Train a GPT. With no arguments: trains the `tiny` model on the Python standard library's
+source files (tokenized with a freshly trained BPE), on CPU in a few minutes."""
+
+
+def _flag_dest(path: str) -> str:
+    return "cfg__" + path.replace(".", "__")
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One flag group per setting section; defaults are SUPPRESS so only given flags override."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for opt in OPTIONS:
+        section = opt.path.split(".")[0]
+        group = groups.setdefault(section, parser.add_argument_group(f"{section} settings"))
+        t = field_type(opt.path)
+        kwargs: dict[str, Any] = dict(dest=_flag_dest(opt.path), default=argparse.SUPPRESS, help=opt.help)
+        if t is bool:
+            group.add_argument(*opt.flags, action="store_const", const=True, **kwargs)
+            if opt.negate:
+                group.add_argument(opt.negate, action="store_const", const=False, dest=kwargs["dest"],
+                                   default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        elif typing.get_origin(t) is list or list in typing.get_args(t):
+            group.add_argument(*opt.flags, nargs="+", metavar="PATH", **kwargs)
+        else:
+            if opt.choices:
+                kwargs["choices"] = opt.choices
+            group.add_argument(*opt.flags, **kwargs)
+
+
+def collect_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out = {}
+    for key, value in vars(args).items():
+        if key.startswith("cfg__"):
+            out[key[5:].replace("__", ".")] = value
+    return out
+
+
+def all_flags(parser: argparse.ArgumentParser) -> list[str]:
+    return [s for action in parser._actions for s in action.option_strings]
+
+
+def parse_strict(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """parse_args, but an unknown flag becomes a UserError that suggests the closest valid one."""
+    for arg in argv:
+        flag = arg.split("=", 1)[0]
+        if flag in NOT_YET_SUPPORTED:
+            raise UserError(f"{flag} is not supported yet: {NOT_YET_SUPPORTED[flag]}")
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        first = unknown[0]
+        if first.startswith("-"):
+            flag = first.split("=", 1)[0]
+            raise UserError(f"unknown option {flag}.{suggest(flag, all_flags(parser))} "
+                            f"See `gptrain {parser.prog.split()[-1]} --help`.")
+        raise UserError(f"unexpected argument {first!r}. See `{parser.prog} --help`.")
+    return args
+
+
+# ---------------------------------------------------------------------------------------- train
+def build_train_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("train", allow_abbrev=False, help="train a model", description=TRAIN_DESCRIPTION)
+    p.add_argument("--config", metavar="TOML", help="settings file; command-line flags override it")
+    p.add_argument("--resume", nargs="?", const="latest", default=argparse.SUPPRESS, dest="cfg__train__resume",
+                   metavar="PATH", help="continue the newest checkpoint of --run-name (or of the latest run), "
+                   "or of PATH (a run folder or checkpoint)")
+    p.add_argument("--no-amp", action="store_const", const="fp32", dest="cfg__train__precision",
+                   default=argparse.SUPPRESS, help="train in fp32 (same as --precision fp32)")
+    add_config_options(p)
+    return p
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from gptrain.trainer import train
+
+    cfg, explicit = build_config(collect_overrides(args), args.config)
+    result = train(cfg, explicit)
+    if result.status == "finished":
+        val = f"{result.final_val_loss:.4f}" if result.final_val_loss is not None else "n/a"
+        print(f"done: {result.final_step} steps, val loss {val}, run folder {result.run_dir}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- prepare
+def build_prepare_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("prepare", allow_abbrev=False, help="tokenize text into a dataset directory",
+                       description="Tokenize .txt/.jsonl/.json/.parquet files or folders into train.bin, val.bin "
+                                   "and meta.json.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="files or directories (searched recursively)")
+    p.add_argument("--out", required=True, help="output dataset directory")
+    p.add_argument("--tokenizer", "--tokenizer-name", default="bpe:4096",
+                   help="byte, bpe:N (trained on the inputs), hf:NAME_OR_PATH, or a name such as gpt2")
+    p.add_argument("--val", nargs="+", default=[], metavar="INPUT", help="validation inputs (else a split)")
+    p.add_argument("--val-fraction", "--val-ratio", type=float, default=None,
+                   help="fraction of documents held out for validation")
+    p.add_argument("--min-val-tokens", type=int, default=None, help="smallest validation split, in tokens")
+    p.add_argument("--line-docs", action="store_true", help="each non-empty line of a .txt file is a document")
+    p.add_argument("--text-field", default="text", help="JSON field / parquet column with the text")
+    p.add_argument("--max-tokens", type=int, default=None, help="stop after this many training tokens")
+    p.add_argument("--seed", type=int, default=None, help="seed of the validation split")
+    return p
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from gptrain.data.prepare import PrepareConfig, prepare_dataset
+
+    kwargs = dict(inputs=args.inputs, out_dir=args.out, tokenizer=args.tokenizer, val_inputs=args.val,
+                  line_docs=args.line_docs, text_field=args.text_field, max_tokens=args.max_tokens)
+    for name in ("val_fraction", "min_val_tokens", "seed"):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
+    prepare_dataset(PrepareConfig(**kwargs))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- generate / eval
+def build_generate_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("generate", allow_abbrev=False, help="sample text from a trained model")
+    p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole prefix for every token")
+    return p
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from gptrain.generate import generate, load_trained_model
+
+    model, tokenizer, ckpt = load_trained_model(args.path, args.device)
+    device = next(model.parameters()).device
+    prompt_ids = tokenizer.encode(args.prompt)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    for i in range(args.num_samples):
+        new = generate(model, prompt_ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       use_cache=not args.no_kv_cache, stop_id=tokenizer.eot_id, generator=gen)
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1} ---")
+        print(args.prompt + tokenizer.decode(new))
+    return 0
+
+
+def build_eval_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("eval", allow_abbrev=False, help="validation loss and perplexity of a trained model")
+    p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("--data", help="dataset directory (default: the one the model was trained on)")
+    p.add_argument("--eval-tokens", type=int, default=None, help="validation tokens to score (default: run's)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    return p
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from gptrain.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.path, data=args.data, eval_tokens=args.eval_tokens,
+                                 batch_size=args.batch_size, device=args.device)
+    print(f"checkpoint {result['checkpoint']} (step {result['step']})")
+    print(f"data {result['dataset']}: {result['tokens']:,} val tokens")
+    print(f"val loss {result['loss']:.4f} | perplexity {result['ppl']:.2f}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- main
+COMMANDS = {
+    "train": (build_train_parser, cmd_train),
+    "prepare": (build_prepare_parser, cmd_prepare),
+    "generate": (build_generate_parser, cmd_generate),
+    "eval": (build_eval_parser, cmd_eval),
+}
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    parser = argparse.ArgumentParser(prog="gptrain", allow_abbrev=False, description="Pre-train GPT-style language models.")
+    parser.add_argument("--version", action="version", version=f"gptrain {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = {name: build(sub) for name, (build, _) in COMMANDS.items()}
+    return parser, subparsers
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, subparsers = build_parser()
+    if not argv or argv[0] in ("-h", "--help", "--version"):
+        if not argv:
+            parser.print_help()
+            return 0
+        parser.parse_args(argv)
+        return 0
+    command = argv[0]
+    if command not in COMMANDS:
+        print(f"error: unknown command '{command}'.{suggest(command, list(COMMANDS))} "
+              f"Commands: {', '.join(COMMANDS)}.", file=sys.stderr)
+        return 2
+    try:
+        args = parse_strict(subparsers[command], argv[1:])
+        return COMMANDS[command][1](args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+

@@ -1,0 +1,334 @@
+"""Every setting of a training run: dataclasses, presets, TOML files and command-line overrides.
+
+Precedence, lowest first: dataclass defaults < model preset < TOML file < command line.
+Each setting has one dotted name (`optim.lr`) used in TOML (`[optim] lr = 3e-4`) and in
+config.json, and one or more command-line flags listed in `OPTIONS` (the original tool's
+names next to gptrain's own).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from gptrain.errors import UserError
+from gptrain.model import PRESETS, ModelConfig
+
+
+@dataclass
+class DataConfig:
+    dataset: str | None = None  # a prepared dataset dir; None → raw files or the default corpus
+    train_files: list[str] = field(default_factory=list)
+    val_files: list[str] = field(default_factory=list)
+    tokenizer: str = "bpe:4096"
+    val_fraction: float = 0.005
+    max_tokens: int | None = None
+    text_field: str = "text"
+    line_docs: bool = False
+    use_toy_data: bool = False
+    seq_len: int | None = None  # default: the model's context length
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-3
+    min_lr: float | None = None  # default lr / 10
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # 0 disables clipping
+    lr_scheduler: str = "cosine"
+    warmup_steps: int = 30
+    decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "tiny"
+    num_steps: int = 300
+    batch_size: int = 16
+    grad_accum_steps: int = 1
+    seed: int = 1337
+    device: str = "auto"
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    compile: bool = False
+    eval_every: int = 100
+    eval_tokens: int = 65536
+    log_every: int = 10
+    save_every: int = 0  # 0: only at the end (and on interruption)
+    keep_last: int = 3
+    runs_dir: str = "runs"
+    run_name: str | None = None
+    checkpoint_dir: str | None = None  # default runs/<name>/checkpoints
+    resume: str | None = None  # "latest" or a checkpoint / run path
+    sample_prompt: str = "def "
+    sample_tokens: int = 64
+    progress: str = "auto"  # auto | bar | plain
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        cfg = cls()
+        for section, values in d.items():
+            for key, value in values.items():
+                set_path(cfg, f"{section}.{key}", value)
+        return cfg
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting's command-line face."""
+
+    path: str  # dotted name, e.g. "optim.lr"
+    flags: tuple[str, ...]
+    help: str
+    negate: str | None = None  # a "--no-x" flag that sets a bool to False
+    choices: tuple[str, ...] | None = None
+
+
+OPTIONS: list[Option] = [
+    # model
+    Option("train.preset", ("--preset", "--model"), f"model preset: {', '.join(PRESETS)}", choices=tuple(PRESETS)),
+    Option("model.vocab_size", ("--vocab-size",), "vocabulary size (default: the dataset's)"),
+    Option("model.max_position_embeddings", ("--max-position-embeddings", "--context-length"),
+           "context length in tokens"),
+    Option("model.n_layers", ("--n-layers",), "transformer blocks"),
+    Option("model.n_heads", ("--n-heads",), "attention heads"),
+    Option("model.d_model", ("--d-model",), "hidden size"),
+    Option("model.d_ff", ("--d-ff",), "MLP inner size (default 4·d_model)"),
+    Option("model.dropout", ("--dropout",), "dropout probability"),
+    Option("model.bias", ("--bias",), "biases in Linear and LayerNorm", negate="--no-bias"),
+    Option("model.tie_embeddings", ("--tie-embeddings",), "LM head shares the token embedding",
+           negate="--no-tie-embeddings"),
+    Option("model.pad_vocab_multiple", ("--pad-vocab-multiple",), "pad the embedding rows to a multiple of this"),
+    # data
+    Option("data.dataset", ("--data", "--dataset"), "a dataset directory made by `gptrain prepare`"),
+    Option("data.train_files", ("--train-data",), "raw text files/dirs to train on (prepared into a cache)"),
+    Option("data.val_files", ("--val-data",), "raw text files/dirs for validation"),
+    Option("data.tokenizer", ("--tokenizer-name", "--tokenizer"), "tokenizer spec: byte, bpe:N, hf:NAME_OR_PATH, gpt2"),
+    Option("data.val_fraction", ("--val-ratio", "--val-fraction"), "fraction of documents held out for validation"),
+    Option("data.max_tokens", ("--max-tokens",), "cap on training tokens when preparing raw files"),
+    Option("data.text_field", ("--text-field",), "JSON field / parquet column holding the text"),
+    Option("data.line_docs", ("--line-docs",), "each non-empty line of a .txt file is one document"),
+    Option("data.use_toy_data", ("--use-toy-data",), "train on a small built-in synthetic corpus"),
+    Option("data.seq_len", ("--seq-len",), "tokens per training sequence (default: the context length)"),
+    # optimizer
+    Option("optim.lr", ("--lr", "--learning-rate"), "peak learning rate"),
+    Option("optim.min_lr", ("--min-lr",), "final learning rate of cosine/wsd (default lr/10)"),
+    Option("optim.beta1", ("--beta1",), "AdamW beta1"),
+    Option("optim.beta2", ("--beta2",), "AdamW beta2"),
+    Option("optim.eps", ("--adam-eps",), "AdamW epsilon"),
+    Option("optim.weight_decay", ("--weight-decay",), "AdamW weight decay (on ≥2-D weights only)"),
+    Option("optim.grad_clip", ("--grad-clip",), "clip the global gradient norm to this (0: off)"),
+    Option("optim.lr_scheduler", ("--lr-scheduler",), "learning-rate schedule",
+           choices=("cosine", "constant", "wsd", "linear")),
+    Option("optim.warmup_steps", ("--warmup-steps",), "linear warmup steps"),
+    Option("optim.decay_fraction", ("--decay-fraction",), "wsd: fraction of steps spent decaying"),
+    # training
+    Option("train.num_steps", ("--num-steps", "--max-steps"), "optimizer steps"),
+    Option("train.batch_size", ("--batch-size",), "sequences per micro-batch (per process)"),
+    Option("train.grad_accum_steps", ("--grad-accum-steps",), "micro-batches per optimizer step"),
+    Option("train.seed", ("--seed", "--data-seed"), "seed of the initialisation and the data order"),
+    Option("train.device", ("--device",), "auto, cpu, cuda, cuda:N"),
+    Option("train.precision", ("--precision",), "auto (bf16 on capable GPUs, fp32 on CPU), fp32, bf16, fp16",
+           choices=("auto", "fp32", "bf16", "fp16")),
+    Option("train.compile", ("--compile",), "torch.compile the model"),
+    Option("train.eval_every", ("--eval-every", "--eval-steps"), "evaluate every N steps (and at the end)"),
+    Option("train.eval_tokens", ("--eval-tokens",), "validation tokens per evaluation"),
+    Option("train.log_every", ("--log-every",), "log every N steps"),
+    Option("train.save_every", ("--save-every",), "checkpoint every N steps (0: at the end only)"),
+    Option("train.keep_last", ("--keep-last",), "checkpoints to keep (plus the best by val loss)"),
+    Option("train.runs_dir", ("--runs-dir",), "folder that holds run folders"),
+    Option("train.run_name", ("--run-name",), "name of this run's folder (default: date-time and a short id)"),
+    Option("train.checkpoint_dir", ("--checkpoint-path", "--checkpoint-dir"),
+           "where checkpoints go (default runs/<name>/checkpoints)"),
+    Option("train.sample_prompt", ("--sample-prompt",), "prompt of the sample printed at the end"),
+    Option("train.sample_tokens", ("--sample-tokens",), "tokens to generate for that sample"),
+    Option("train.progress", ("--progress",), "console display", choices=("auto", "bar", "plain")),
+]
+
+# The original tool's flags that belong to features built later: rejected with a message, never ignored.
+_PARALLEL = "multi-process training (DDP/FSDP/tensor parallel) is not built yet; train in one process."
+_TRACKING = "experiment tracking beyond metrics.jsonl is not built yet; metrics go to runs/<name>/metrics.jsonl."
+NOT_YET_SUPPORTED: dict[str, str] = {
+    "--use-tensor-parallel": _PARALLEL,
+    "--use-activation-checkpoint": "activation checkpointing is not built yet; lower --batch-size to save memory.",
+    "--use-profiler": "the profiler is not built yet.",
+    "--use-wandb": _TRACKING,
+    "--wandb-project": _TRACKING,
+    "--wandb-run-name": _TRACKING,
+}
+
+
+def field_type(path: str) -> Any:
+    section, key = path.split(".", 1)
+    return typing.get_type_hints(SECTIONS[section])[key]
+
+
+def all_paths() -> list[str]:
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def suggest(name: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def coerce(path: str, value: Any) -> Any:
+    """Convert a TOML/JSON/CLI value to the setting's type, or raise UserError."""
+    t = field_type(path)
+    args = typing.get_args(t)
+    optional = type(None) in args
+    if optional:
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        t = next(a for a in args if a is not type(None))
+    try:
+        if t is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if t is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if t is float:
+            return float(value)
+        if t is str:
+            return str(value)
+        if typing.get_origin(t) is list:
+            return [str(v) for v in (value if isinstance(value, list) else [value])]
+    except (TypeError, ValueError):
+        raise UserError(f"setting '{path}' expects {getattr(t, '__name__', t)}, got {value!r}.") from None
+    return value
+
+
+def set_path(cfg: Config, path: str, value: Any) -> None:
+    section, key = path.split(".", 1)
+    setattr(getattr(cfg, section), key, coerce(path, value))
+
+
+def flatten_toml(d: dict[str, Any], source: str) -> dict[str, Any]:
+    """{'optim': {'lr': 1e-3}} → {'optim.lr': 1e-3}, rejecting unknown names with a suggestion."""
+    valid = all_paths()
+    out: dict[str, Any] = {}
+    for section, values in d.items():
+        if section not in SECTIONS or not isinstance(values, dict):
+            # Allow a bare key when it names exactly one setting (lr = 1e-3 at the top level).
+            matches = [p for p in valid if p.split(".", 1)[1] == section]
+            if len(matches) == 1 and not isinstance(values, dict):
+                out[matches[0]] = values
+                continue
+            raise UserError(f"{source}: unknown setting '{section}'.{suggest(section, valid + list(SECTIONS))} "
+                            f"Sections are [{'], ['.join(SECTIONS)}].")
+        for key, value in values.items():
+            path = f"{section}.{key}"
+            if path not in valid:
+                raise UserError(f"{source}: unknown setting '{path}'.{suggest(path, valid)}")
+            out[path] = value
+    return out
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {p} does not exist. Pass an existing .toml file to --config.")
+    try:
+        with p.open("rb") as f:
+            return flatten_toml(tomllib.load(f), str(p))
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{p} is not valid TOML: {e}. Fix the file and run again.") from None
+
+
+def build_config(overrides: dict[str, Any], toml_path: str | None = None) -> tuple[Config, set[str]]:
+    """Defaults < preset < TOML < overrides. Returns the config and the set of explicitly set paths."""
+    explicit: dict[str, Any] = {}
+    if toml_path:
+        explicit.update(load_toml(toml_path))
+    explicit.update(overrides)
+    cfg = Config()
+    preset = coerce("train.preset", explicit.get("train.preset", cfg.train.preset))
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset '{preset}'.{suggest(preset, list(PRESETS))} Presets: {', '.join(PRESETS)}.")
+    for key, value in PRESETS[preset].items():
+        setattr(cfg.model, key, value)
+    cfg.model.d_ff = None  # recomputed from d_model unless set explicitly
+    for path, value in explicit.items():
+        set_path(cfg, path, value)
+    if cfg.model.d_ff is None:
+        cfg.model.d_ff = 4 * cfg.model.d_model
+    return cfg, set(explicit)
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need no data: each failure names the setting and the fix."""
+    m, t, o = cfg.model, cfg.train, cfg.optim
+    if m.d_model % m.n_heads != 0:
+        raise UserError(f"d_model ({m.d_model}) must be divisible by n_heads ({m.n_heads}). "
+                        f"Change --d-model or --n-heads (e.g. --n-heads {largest_divisor(m.d_model, m.n_heads)}).")
+    for name, value in [("n_layers", m.n_layers), ("n_heads", m.n_heads), ("d_model", m.d_model),
+                        ("max_position_embeddings", m.max_position_embeddings), ("d_ff", m.d_ff)]:
+        if value is None or value < 1:
+            raise UserError(f"model.{name} must be a positive integer, got {value}.")
+    if not 0.0 <= m.dropout < 1.0:
+        raise UserError(f"--dropout must be in [0, 1), got {m.dropout}.")
+    seq_len = cfg.data.seq_len
+    if seq_len is not None and seq_len > m.max_position_embeddings:
+        raise UserError(f"--seq-len {seq_len} is longer than the model's context ({m.max_position_embeddings} "
+                        f"positions). Lower --seq-len or raise --max-position-embeddings.")
+    if seq_len is not None and seq_len < 1:
+        raise UserError(f"--seq-len must be at least 1, got {seq_len}.")
+    for name, value in [("num_steps", t.num_steps), ("batch_size", t.batch_size),
+                        ("grad_accum_steps", t.grad_accum_steps), ("log_every", t.log_every),
+                        ("keep_last", t.keep_last)]:
+        if value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
+    if t.eval_tokens < 1:
+        raise UserError(f"--eval-tokens must be at least 1, got {t.eval_tokens}.")
+    if o.lr <= 0:
+        raise UserError(f"--lr must be positive, got {o.lr}.")
+    if o.warmup_steps < 0:
+        raise UserError(f"--warmup-steps must be ≥ 0, got {o.warmup_steps}.")
+    if not 0.0 <= o.decay_fraction <= 1.0:
+        raise UserError(f"--decay-fraction must be in [0, 1], got {o.decay_fraction}.")
+    if o.lr_scheduler not in ("cosine", "constant", "wsd", "linear"):
+        raise UserError(f"unknown --lr-scheduler '{o.lr_scheduler}'. Choose cosine, constant, wsd or linear.")
+    if t.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise UserError(f"unknown --precision '{t.precision}'. Choose auto, fp32, bf16 or fp16.")
+
+
+def largest_divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, at_most + 1) if n % d == 0)
+
+
+# The model settings that define the shape of the weights: changing one on resume is an error.
+SHAPE_KEYS = ("vocab_size", "max_position_embeddings", "n_layers", "n_heads", "d_model", "d_ff", "bias",
+              "tie_embeddings", "pad_vocab_multiple")

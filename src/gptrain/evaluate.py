@@ -1,0 +1,87 @@
+"""Validation loss and perplexity on a fixed budget of val tokens.
+
+The budget is the first `eval_tokens // seq_len` non-overlapping windows of val.bin: the same
+tokens at every evaluation and in every layout. Under data parallelism the windows are split
+into contiguous, disjoint ranges per rank (no padding, no duplicates) and the loss sums and
+token counts are summed across ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from gptrain.data.loader import eval_batch, eval_windows
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: torch.nn.Module,
+    val_tokens: np.ndarray,
+    seq_len: int,
+    eval_tokens: int,
+    batch_size: int,
+    device: torch.device,
+    autocast: contextlib.AbstractContextManager | None = None,
+    dp_rank: int = 0,
+    dp_world: int = 1,
+    dp_group=None,
+) -> tuple[float, float, int]:
+    """Mean next-token loss over the budget, its perplexity, and the number of tokens scored."""
+    n = eval_windows(val_tokens, seq_len, eval_tokens)
+    lo, hi = n * dp_rank // dp_world, n * (dp_rank + 1) // dp_world
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    count = torch.zeros((), device=device, dtype=torch.float64)
+    for start in range(lo, hi, batch_size):
+        x, y = eval_batch(val_tokens, seq_len, range(start, min(start + batch_size, hi)))
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast or contextlib.nullcontext():
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
+        count += y.numel()
+    if dp_world > 1 and dist.is_initialized():
+        dist.all_reduce(loss_sum, group=dp_group)
+        dist.all_reduce(count, group=dp_group)
+    model.train(was_training)
+    loss = (loss_sum / count).item()
+    return loss, math.exp(min(loss, 50.0)), int(count.item())
+
+
+def evaluate_checkpoint(path: str, data: str | None = None, eval_tokens: int | None = None,
+                        batch_size: int | None = None, device: str = "auto") -> dict:
+    """`gptrain eval`: score a trained model on a dataset's val split (default: its training dataset)."""
+    from pathlib import Path
+
+    from gptrain.config import Config
+    from gptrain.data.loader import open_tokens
+    from gptrain.data.prepare import read_meta
+    from gptrain.errors import UserError
+    from gptrain.generate import load_trained_model
+
+    model, tokenizer, ckpt = load_trained_model(path, device)
+    cfg = Config.from_dict(ckpt.info["config"])
+    dataset = Path(data or ckpt.info["dataset_dir"])
+    meta = read_meta(dataset)
+    if int(meta["vocab_size"]) > model.cfg.vocab_size:
+        raise UserError(f"the dataset {dataset} uses {meta['vocab_size']} token ids but the model knows "
+                        f"{model.cfg.vocab_size}. Evaluate on data prepared with the model's tokenizer "
+                        f"({tokenizer.spec}).")
+    data_tok = meta.get("tokenizer") or {}
+    if data_tok.get("fingerprint") not in (None, tokenizer.fingerprint()):
+        raise UserError(f"the dataset {dataset} was tokenized with {data_tok.get('spec')} "
+                        f"(a different tokenizer than the model's {tokenizer.spec}). Prepare the data with the "
+                        "model's tokenizer.json (hf:PATH).")
+    val = open_tokens(dataset / "val.bin", meta["dtype"])
+    dev = next(model.parameters()).device
+    seq_len = cfg.data.seq_len or cfg.model.max_position_embeddings
+    loss, ppl, n = evaluate_loss(model, val, seq_len, eval_tokens or cfg.train.eval_tokens,
+                                 batch_size or cfg.train.batch_size, dev)
+    return {"checkpoint": str(ckpt.path), "step": ckpt.step, "dataset": str(dataset), "tokens": n,
+            "loss": loss, "ppl": ppl}

@@ -1,0 +1,99 @@
+"""Training metrics kept on the device between log steps, and the numbers computed at log time.
+
+The hot loop only adds tensors (`loss.detach()`) into device-side accumulators; nothing here
+calls `.item()` or reads a CUDA event until `collect()` runs on a log step.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+# Dense peak matrix throughput in TFLOP/s by exact device name and precision. MFU against an
+# unknown GPU is reported as unknown, never guessed.
+GPU_PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "NVIDIA H100 80GB HBM3": {"bf16": 989.0, "fp16": 989.0, "fp32": 494.5},  # SXM; fp32 = TF32
+    "NVIDIA H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "fp32": 378.0},
+    "NVIDIA H100 NVL": {"bf16": 835.0, "fp16": 835.0, "fp32": 417.5},
+    "NVIDIA H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 494.5},
+    "NVIDIA A100-SXM4-80GB": {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0},
+    "NVIDIA A100-SXM4-40GB": {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0},
+    "NVIDIA A100-PCIE-40GB": {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0},
+    "NVIDIA A100 80GB PCIe": {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0},
+    "NVIDIA L4": {"bf16": 121.0, "fp16": 121.0, "fp32": 60.0},
+    "NVIDIA A10G": {"bf16": 125.0, "fp16": 125.0, "fp32": 62.5},
+    "NVIDIA GeForce RTX 4090": {"bf16": 165.2, "fp16": 165.2, "fp32": 82.6},
+    "NVIDIA GeForce RTX 3090": {"bf16": 71.0, "fp16": 71.0, "fp32": 35.6},
+}
+
+
+def gpu_peak_flops(device: torch.device, precision: str) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    peak = GPU_PEAK_TFLOPS.get(name, {}).get(precision)
+    return peak * 1e12 if peak else None
+
+
+def process_rss_bytes() -> int:
+    """Peak resident set size of this process (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def memory_metrics(device: torch.device) -> dict[str, float]:
+    if device.type == "cuda":
+        return {
+            "mem/peak_allocated_gb": torch.cuda.max_memory_allocated(device) / 1e9,
+            "mem/peak_reserved_gb": torch.cuda.max_memory_reserved(device) / 1e9,
+        }
+    return {"mem/rss_peak_gb": process_rss_bytes() / 1e9}
+
+
+@dataclass
+class LossAccumulator:
+    """Sum of micro-batch losses since the last log, on the device."""
+
+    device: torch.device
+    total: torch.Tensor = field(init=False)
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        self.total = torch.zeros((), device=self.device, dtype=torch.float32)
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.total += loss.detach().float()
+        self.count += 1
+
+    def reset(self) -> None:
+        self.total.zero_()
+        self.count = 0
+
+
+class StepTimer:
+    """Wall-clock time of named parts of a step, summed between log steps.
+
+    Timing on the host without synchronising means a part's time is when the host was busy
+    issuing it; the sum over the interval, measured at log steps after a sync, is exact.
+    """
+
+    def __init__(self) -> None:
+        self.parts: dict[str, float] = {}
+        self._start: float | None = None
+
+    def start(self) -> None:
+        self._start = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        if self._start is not None:
+            self.parts[name] = self.parts.get(name, 0.0) + now - self._start
+        self._start = now
+
+    def pop(self) -> dict[str, float]:
+        parts, self.parts = self.parts, {}
+        return parts

@@ -1,0 +1,182 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from conftest import fast_overrides
+
+from gptrain import checkpoint as C
+from gptrain.config import build_config
+from gptrain.errors import UserError
+from gptrain.trainer import train
+
+
+def run(dataset, runs, **extra):
+    cfg, explicit = build_config(fast_overrides(dataset, runs, **extra))
+    return train(cfg, explicit)
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_writes_a_self_explaining_run_folder(byte_dataset, tmp_path):
+    res = run(byte_dataset, tmp_path, **{"train.run_name": "r1"})
+    d = tmp_path / "r1"
+    assert res.status == "finished" and res.final_step == 12 and res.run_dir == d
+    for name in ("config.json", "environment.json", "run.json", "metrics.jsonl", "train.log"):
+        assert (d / name).is_file(), name
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["model"]["vocab_size"] == 257 and cfg["data"]["seq_len"] == 32
+    assert json.loads((d / "run.json").read_text())["status"] == "finished"
+    rows = [r for r in metrics(d) if r.get("event") == "metrics"]
+    train_rows = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in train_rows] == [2, 4, 6, 8, 10, 12]
+    assert train_rows[-1]["train/tokens_seen"] == 12 * 4 * 32
+    assert train_rows[-1]["train/loss"] < train_rows[0]["train/loss"]
+    val_rows = [r for r in rows if "val/loss" in r]
+    assert [r["step"] for r in val_rows] == [6, 12]
+    assert val_rows[-1]["val/ppl"] == pytest.approx(math.exp(val_rows[-1]["val/loss"]), rel=1e-6)
+    assert C.latest_checkpoint(d / "checkpoints").step == 12
+    assert res.sample is not None
+
+
+def test_logged_loss_is_mean_over_micro_batches(byte_dataset, tmp_path):
+    # With lr 0 the weights never change, so the logged loss must equal the mean of the
+    # per-micro-batch losses recomputed independently.
+    res = run(byte_dataset, tmp_path, **{"train.num_steps": 2, "train.log_every": 2, "train.grad_accum_steps": 3,
+                                          "optim.lr": 1e-12, "optim.min_lr": 0.0, "train.run_name": "m"})
+    from gptrain.data.loader import BatchLayout, TrainBatches, open_tokens
+    from gptrain.data.prepare import read_meta
+    from gptrain.model import GPT, ModelConfig
+
+    ckpt = C.latest_checkpoint(res.run_dir / "checkpoints")
+    model = GPT(ModelConfig(**ckpt.info["config"]["model"]))
+    model.load_state_dict(ckpt.load_model_state())
+    meta = read_meta(byte_dataset)
+    b = TrainBatches(open_tokens(byte_dataset / "train.bin", meta["dtype"]), 32, BatchLayout(4, 3), 1337)
+    with torch.no_grad():
+        losses = [model(*b.get(s, m)).item() for s in range(2) for m in range(3)]
+    logged = [r for r in metrics(res.run_dir) if "train/loss" in r][0]["train/loss"]
+    assert logged == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+
+
+def test_resume_is_bitwise_exact(byte_dataset, tmp_path):
+    # 12 straight steps, saving at 6 and 12; then resume the same 12-step schedule from step 6.
+    straight = run(byte_dataset, tmp_path, **{"train.run_name": "r", "train.num_steps": 12, "train.save_every": 6})
+    ckpts = straight.run_dir / "checkpoints"
+    final_straight = C.latest_checkpoint(ckpts).load_model_state()
+    losses_straight = {r["step"]: r["train/loss"] for r in metrics(straight.run_dir) if "train/loss" in r}
+    n_rows = len(metrics(straight.run_dir))
+    resumed = run(byte_dataset, tmp_path, **{"train.resume": str(ckpts / "step_0000006")})
+    assert resumed.final_step == 12 and resumed.run_dir == straight.run_dir
+    final_resumed = C.latest_checkpoint(ckpts).load_model_state()
+    assert all(torch.equal(final_straight[k], final_resumed[k]) for k in final_straight)
+    losses_resumed = {r["step"]: r["train/loss"] for r in metrics(resumed.run_dir)[n_rows:] if "train/loss" in r}
+    assert losses_resumed == {s: v for s, v in losses_straight.items() if s > 6}
+
+
+def test_resume_with_another_model_shape_is_an_error(byte_dataset, tmp_path):
+    run(byte_dataset, tmp_path, **{"train.run_name": "s", "train.num_steps": 2})
+    with pytest.raises(UserError, match="keeps its model shape"):
+        run(byte_dataset, tmp_path, **{"train.run_name": "s", "train.resume": "latest", "model.d_model": 64})
+
+
+def test_resume_from_corrupt_checkpoint_is_an_error(byte_dataset, tmp_path):
+    res = run(byte_dataset, tmp_path, **{"train.run_name": "c", "train.num_steps": 2})
+    model_file = C.latest_checkpoint(res.run_dir / "checkpoints").path / "model.pt"
+    model_file.write_bytes(model_file.read_bytes()[:100])
+    with pytest.raises(UserError, match="corrupt or truncated"):
+        run(byte_dataset, tmp_path, **{"train.run_name": "c", "train.resume": "latest", "train.num_steps": 4})
+
+
+def test_kill_during_save_leaves_previous_checkpoint_usable(byte_dataset, tmp_path, monkeypatch):
+    res = run(byte_dataset, tmp_path, **{"train.run_name": "k", "train.num_steps": 4, "train.save_every": 2})
+    ckpts = res.run_dir / "checkpoints"
+    assert C.latest_checkpoint(ckpts).step == 4
+
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def dying_save(obj, f, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:  # model.pt written, then the process "dies" while writing train.pt
+            f.write(b"partial")
+            raise SystemExit("killed")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(SystemExit):
+        run(byte_dataset, tmp_path, **{"train.run_name": "k", "train.num_steps": 6, "train.resume": "latest",
+                                       "train.save_every": 6, "train.eval_every": 0})
+    monkeypatch.setattr(torch, "save", real_save)
+    assert C.latest_checkpoint(ckpts).step == 4  # the half-written step 6 is not taken for complete
+    again = run(byte_dataset, tmp_path, **{"train.run_name": "k", "train.num_steps": 6, "train.resume": "latest"})
+    assert again.final_step == 6 and C.latest_checkpoint(ckpts).step == 6
+
+
+def test_sigterm_saves_and_exits_cleanly(byte_dataset, tmp_path):
+    cmd = [sys.executable, "-m", "gptrain", "train", "--data", str(byte_dataset), "--runs-dir", str(tmp_path),
+           "--run-name", "sig", "--n-layers", "2", "--n-heads", "2", "--d-model", "32",
+           "--max-position-embeddings", "32", "--batch-size", "4", "--num-steps", "100000", "--log-every", "1",
+           "--eval-every", "0", "--progress", "plain"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+
+    def reader():
+        for line in proc.stdout:
+            lines.append(line)
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    deadline = time.time() + 120
+    while not any("step" in line and "loss" in line for line in lines) and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    t.join(timeout=5)
+    out = "".join(lines)
+    assert "SIGTERM received" in out and "--resume" in out
+    run_dir = tmp_path / "sig"
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
+    step = C.latest_checkpoint(run_dir / "checkpoints").step
+    assert step >= 1
+
+
+def test_changing_num_steps_on_resume_extends_the_schedule(byte_dataset, tmp_path):
+    run(byte_dataset, tmp_path, **{"train.run_name": "ext", "train.num_steps": 4})
+    res = run(byte_dataset, tmp_path, **{"train.run_name": "ext", "train.num_steps": 8, "train.resume": "latest"})
+    cfg = json.loads((res.run_dir / "config.json").read_text())
+    assert res.final_step == 8 and cfg["train"]["num_steps"] == 8
+
+
+def test_dataset_vocab_larger_than_model_is_an_error(byte_dataset, tmp_path):
+    with pytest.raises(UserError, match="Raise --vocab-size"):
+        run(byte_dataset, tmp_path, **{"model.vocab_size": 100})
+
+
+def test_seq_len_above_context_is_an_error(byte_dataset, tmp_path):
+    with pytest.raises(UserError, match="longer than the model's context"):
+        run(byte_dataset, tmp_path, **{"data.seq_len": 64})
+
+
+def test_unwritable_runs_dir_is_an_error(byte_dataset, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match="cannot write the run folder"):
+        run(byte_dataset, blocker / "runs")
+
+
+def test_environment_record(byte_dataset, tmp_path):
+    res = run(byte_dataset, tmp_path, **{"train.run_name": "env", "train.num_steps": 1})
+    env = json.loads((res.run_dir / "environment.json").read_text())
+    assert env["torch"] == torch.__version__ and env["world_size"] == 1
+    assert env["n_params"] > env["n_params_non_embedding"] > 0
+    assert env["tokens_per_step"] == 4 * 32 and env["tokenizer"] == "byte"
+    assert os.path.basename(env["dataset_dir"]) == "dataset"
