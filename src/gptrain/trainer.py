@@ -218,8 +218,8 @@ class Trainer:
         self.flops_per_token = flops_per_token(cfg.model, self.seq_len, n_flops_params)
         self.model = model  # wrapped for parallelism / compile in later layers
         if cfg.train.compile:
-            for name, block in model.blocks.items():
-                model.blocks[name] = torch.compile(block)
+            for block in model.blocks.values():
+                block.compile()  # in place: parameter names (and checkpoints) stay those of the plain model
         self.optimizer = build_optimizer(model, cfg.optim, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         amp = self.precision in ("bf16", "fp16")
