@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from gptrain.config import DataConfig
-from gptrain.data.prepare import PrepareConfig, dataset_cache_dir, prepare_dataset, read_meta
+from gptrain.data.prepare import PrepareConfig, cache_root, dataset_cache_dir, prepare_dataset, read_meta
 from gptrain.data.sources import default_corpus_files, write_toy_corpus
 from gptrain.errors import UserError
 
@@ -19,8 +19,7 @@ def prepare_config_for(cfg: DataConfig) -> PrepareConfig | None:
     if cfg.dataset:
         return None
     if cfg.use_toy_data:
-        toy = dataset_cache_dir(PrepareConfig(inputs=["toy"], out_dir="", tokenizer=cfg.tokenizer)).parent / \
-            "toy_corpus.txt"
+        toy = cache_root() / "toy_corpus.jsonl"  # one document per line
         if not toy.is_file():
             toy.parent.mkdir(parents=True, exist_ok=True)
             write_toy_corpus(toy)
@@ -28,7 +27,7 @@ def prepare_config_for(cfg: DataConfig) -> PrepareConfig | None:
     elif cfg.train_files:
         inputs = list(cfg.train_files)
     else:
-        inputs = [str(p) for p in default_corpus_files()]
+        inputs = []  # prepare's default: the standard library's .py files
     prep = PrepareConfig(
         inputs=inputs,
         out_dir="",
@@ -54,8 +53,9 @@ def resolve_dataset(cfg: DataConfig, console, is_main: bool = True) -> Path:
         read_meta(path)
         return path
     if not cfg.train_files and not cfg.use_toy_data:
-        console.print("no data given: training on the Python standard library's source files "
-                      f"({len(prep.inputs)} files) — pass --data DIR or --train-data FILE... for your own text")
+        console.print(f"no data given: training on the Python standard library's source files "
+                      f"({len(default_corpus_files())} files) — pass --data DIR or --train-data FILE... for "
+                      "your own text")
     if is_main:
         prepare_dataset(prep)
     return Path(prep.out_dir)

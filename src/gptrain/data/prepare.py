@@ -177,6 +177,11 @@ def _reuse_key(cfg: PrepareConfig, inputs: _Inputs, tok: Tokenizer | None) -> st
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def cache_root() -> Path:
+    """``$GPTRAIN_CACHE``, default ``~/.cache/gptrain``: datasets prepared on the fly live under it."""
+    return Path(os.environ.get("GPTRAIN_CACHE") or Path.home() / ".cache" / "gptrain").expanduser()
+
+
 def dataset_cache_dir(cfg: PrepareConfig) -> Path:
     """A deterministic place for a dataset prepared on the fly (``train --train-data FILE...``).
 
@@ -184,7 +189,7 @@ def dataset_cache_dir(cfg: PrepareConfig) -> Path:
     absolute input paths and the settings. File contents are not in the hash: when a file
     changes, `prepare_dataset` notices (input fingerprint) and rebuilds in the same place.
     """
-    base = Path(os.environ.get("GPTRAIN_CACHE") or Path.home() / ".cache" / "gptrain").expanduser()
+    base = cache_root()
     key = {
         "inputs": [str(Path(p).expanduser().resolve()) for p in cfg.inputs],
         "val_inputs": [str(Path(p).expanduser().resolve()) for p in cfg.val_inputs or []],

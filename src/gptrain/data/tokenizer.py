@@ -342,6 +342,8 @@ def load_dataset_tokenizer(dataset_dir: str | os.PathLike) -> Tokenizer:
         )
     json_path = dataset_dir / "tokenizer.json"
     tok_json = json_path.read_text(encoding="utf-8") if json_path.is_file() else None
+    if meta.get("format") == "nanogpt" and tok_json is None:
+        return build_tokenizer(spec)  # nanoGPT's convention: no meta.pkl means the GPT-2 tokenizer
     tok = tokenizer_from_json(spec, tok_json)
     want = tok_meta.get("fingerprint")
     if want and tok.fingerprint() != want:
