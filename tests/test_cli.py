@@ -60,7 +60,7 @@ def test_train_from_raw_files_and_toml_with_overrides(tmp_path, capsys):
         (["train", "--n-layer", "2"], "Did you mean '--n-layers'?"),
         (["train", "--d-model", "30", "--n-heads", "4"], "d_model (30) must be divisible by n_heads (4)"),
         (["train", "--seq-len", "4096"], "longer than the model's context"),
-        (["train", "--use-profiler"], "not supported yet"),
+        (["train", "--tp", "2"], "the layout needs a multiple of 2 processes (dp_replicate -1 × dp_shard 1 × tp 2), but 1 is running"),
         (["train", "--data", "/nonexistent/dir"], "does not exist"),
         (["prepare", "/nonexistent/file.txt", "--out", "x"], "not found"),
         (["generate", "/nonexistent/run"], "does not exist"),

@@ -107,3 +107,13 @@ def test_tiny_model_overfits_tiny_corpus():
         loss.backward()
         opt.step()
     assert loss.item() < 0.5
+
+
+def test_generation_from_diverged_weights_is_a_clear_error():
+    from gptrain.generate import NonFiniteLogits
+
+    model = GPT(small())
+    with torch.no_grad():
+        model.blocks["0"].mlp.fc_in.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteLogits, match="not finite"):
+        generate(model, [1, 2, 3], 5)

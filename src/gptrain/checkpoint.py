@@ -8,8 +8,13 @@ Layout of one checkpoint, a directory under the run's checkpoints/ folder:
       info.json     step, tokens seen, val loss, config, tokenizer identity — readable without torch
       COMPLETE      written last: a directory without it is ignored
 
-A save writes into `step_000300.tmp-<pid>/`, fsyncs, writes COMPLETE, then renames the
-directory into place. A crash at any point leaves either the previous checkpoints untouched or a
+A multi-process run (torchrun) writes the same folder with a sharded `dcp/` sub-folder
+(torch.distributed.checkpoint: every rank writes its own shards) in place of model.pt and train.pt;
+its final checkpoint also gets a consolidated model.pt, so `gptrain generate/eval` need no process
+group (they can also read `dcp/` directly). Either kind resumes in any layout.
+
+A save writes into `step_000300.tmp-<pid>/` (the pid of global rank 0; all ranks write there),
+fsyncs, writes COMPLETE, then renames the directory into place. A crash at any point leaves either the previous checkpoints untouched or a
 `.tmp-` directory that resume ignores and the next save removes. Loading uses
 `torch.load(weights_only=True)`, so opening a checkpoint never runs pickled code.
 """
@@ -30,7 +35,8 @@ from gptrain.errors import UserError
 
 MARKER = "COMPLETE"
 PREFIX = "step_"
-FORMAT_VERSION = 1
+# 2: optimizer state keyed by parameter name (loadable in any layout); 1 (index-keyed) still loads
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -42,7 +48,18 @@ class Checkpoint:
     def step(self) -> int:
         return int(self.info["step"])
 
+    @property
+    def is_sharded(self) -> bool:
+        """Written by several processes through torch.distributed.checkpoint."""
+        return (self.path / "dcp").is_dir()
+
     def load_model_state(self, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        if self.is_sharded and not (self.path / "model.pt").is_file():
+            from gptrain.config import Config
+            from gptrain.distributed.checkpointing import read_sharded_model_state
+
+            state = read_sharded_model_state(self.path / "dcp", Config.from_dict(self.info["config"]).model)
+            return {k: v.to(map_location) for k, v in state.items()}
         return _load(self.path / "model.pt", map_location)
 
     def load_train_state(self, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -110,6 +127,53 @@ def save_checkpoint(
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(checkpoint_dir)
+    return final
+
+
+def save_sharded_checkpoint(
+    checkpoint_dir: Path,
+    step: int,
+    write_shards,
+    info: dict[str, Any],
+    extra_files: dict[str, str] | None,
+    rank: int,
+    broadcast_object,
+    barrier,
+    full_model_state: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Collective version of `save_checkpoint` for multi-process runs.
+
+    Rank 0 makes the temporary folder and tells the others its name; every rank writes its shards
+    (`write_shards(tmp / "dcp")`, a collective); after a barrier rank 0 adds info.json, the extra files,
+    the optional consolidated model.pt, then COMPLETE, and renames. A final barrier means no rank goes on
+    (or exits) before the checkpoint is in place.
+    """
+    final = checkpoint_dir / f"{PREFIX}{step:07d}"
+    tmp = None
+    if rank == 0:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        tmp = checkpoint_dir / f"{final.name}.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    tmp = Path(broadcast_object(str(tmp) if tmp else None))
+    write_shards(tmp / "dcp")
+    barrier()
+    if rank == 0:
+        info = {"format_version": FORMAT_VERSION, "step": step, "saved_at": time.time(), **info}
+        if full_model_state is not None:
+            _write_file(tmp / "model.pt", lambda f: torch.save(full_model_state, f))
+        _write_file(tmp / "info.json", lambda f: f.write(json.dumps(info, indent=2).encode()))
+        for name, text in (extra_files or {}).items():
+            _write_file(tmp / name, lambda f, text=text: f.write(text.encode()))
+        _fsync_dir(tmp / "dcp")
+        _write_file(tmp / MARKER, lambda f: f.write(b"ok\n"))
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(checkpoint_dir)
+    barrier()
     return final
 
 

@@ -7,13 +7,14 @@ a bug in gptrain and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import typing
 from typing import Any
 
 from gptrain import __version__
 from gptrain.config import NOT_YET_SUPPORTED, OPTIONS, build_config, field_type, suggest
-from gptrain.errors import UserError
+from gptrain.errors import PeerFailure, UserError
 
 TRAIN_DESCRIPTION = """Train a GPT. With no arguments: trains the `tiny` model on the Python standard library's
 source files (tokenized with a freshly trained BPE), on CPU in a few minutes."""
@@ -82,6 +83,8 @@ def build_train_parser(sub) -> argparse.ArgumentParser:
                    "or of PATH (a run folder or checkpoint)")
     p.add_argument("--no-amp", action="store_const", const="fp32", dest="cfg__train__precision",
                    default=argparse.SUPPRESS, help="train in fp32 (same as --precision fp32)")
+    p.add_argument("--use-activation-checkpoint", action="store_const", const="full", dest="cfg__parallel__ac",
+                   default=argparse.SUPPRESS, help="recompute each block's activations in backward (same as --ac full)")
     add_config_options(p)
     return p
 
@@ -91,10 +94,49 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg, explicit = build_config(collect_overrides(args), args.config)
     result = train(cfg, explicit)
-    if result.status == "finished":
+    if result.status == "finished" and os.environ.get("RANK", "0") == "0":  # under torchrun: global rank 0
         val = f"{result.final_val_loss:.4f}" if result.final_val_loss is not None else "n/a"
         print(f"done: {result.final_step} steps, val loss {val}, run folder {result.run_dir}")
     return 0
+
+
+# ---------------------------------------------------------------------------------------- bench
+def build_bench_parser(sub) -> argparse.ArgumentParser:
+    from gptrain.bench import NAMED_CONFIGS, VARIANTS
+
+    p = sub.add_parser("bench", allow_abbrev=False, help="training tokens/s, MFU and memory on this machine",
+                       description="Time the training loop (gptrain train's own, on random tokens) after a warm-up, "
+                       "as the median of several windows, next to the throughput of a large matrix product in the "
+                       "training precision; print tokens/s, step time, MFU and peak memory. Takes gptrain train's "
+                       "model, batch, device, precision and --compile flags.")
+    p.add_argument("--named", choices=tuple(NAMED_CONFIGS), default=None,
+                   help="a named configuration (flags override it): " + ", ".join(NAMED_CONFIGS))
+    p.add_argument("--variants", nargs="+", metavar="VARIANT", default=None,
+                   help=f"run each in a fresh process and tabulate: {', '.join(VARIANTS)}")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="measure 1..N processes (torchrun, data parallel) and print the scaling efficiency")
+    p.add_argument("--windows", type=int, default=5, help="timed windows (median taken; default 5)")
+    p.add_argument("--window-steps", type=int, default=None, help="optimizer steps per window (default: 2 on CPU, "
+                   "10 on GPU)")
+    p.add_argument("--warmup-windows", type=int, default=1, help="windows run first and dropped (default 1)")
+    p.add_argument("--matmul-size", type=int, default=None, help="side of the square matrix product that measures "
+                   "the device's peak (default 4096 on CPU, 8192 on GPU)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--markdown", action="store_true", help="print the table as Markdown (for benchmarks/RESULTS.md)")
+    p.add_argument("--config", metavar="TOML", help="settings file; command-line flags override it")
+    p.add_argument("--result-json", help=argparse.SUPPRESS)  # child mode: one run, result to this file
+    p.add_argument("--bench-data", help=argparse.SUPPRESS)  # child mode: the synthetic dataset to use
+    p.add_argument("--bench-overrides", help=argparse.SUPPRESS)  # child mode: settings as JSON
+    p.add_argument("--no-amp", action="store_const", const="fp32", dest="cfg__train__precision",
+                   default=argparse.SUPPRESS, help="fp32 (same as --precision fp32)")
+    add_config_options(p)
+    return p
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from gptrain.bench import cmd_bench as run
+
+    return run(args, collect_overrides(args))
 
 
 # ---------------------------------------------------------------------------------------- prepare
@@ -114,6 +156,7 @@ def build_prepare_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text", help="JSON field / parquet column with the text")
     p.add_argument("--max-tokens", type=int, default=None, help="stop after this many training tokens")
     p.add_argument("--seed", type=int, default=None, help="seed of the validation split")
+    p.add_argument("--force", action="store_true", help="rebuild even when a matching dataset exists in --out")
     return p
 
 
@@ -121,7 +164,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from gptrain.data.prepare import PrepareConfig, prepare_dataset
 
     kwargs = dict(inputs=args.inputs, out_dir=args.out, tokenizer=args.tokenizer, val_inputs=args.val,
-                  line_docs=args.line_docs, text_field=args.text_field, max_tokens=args.max_tokens)
+                  line_docs=args.line_docs, text_field=args.text_field, max_tokens=args.max_tokens,
+                  force=args.force)
     for name in ("val_fraction", "min_val_tokens", "seed"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
@@ -183,12 +227,67 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------- runs / plot / sync
+def build_runs_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("runs", allow_abbrev=False, help="table of runs: status, steps, losses, speed, W&B",
+                       description="List the runs in DIR (default: runs) or one run folder.")
+    p.add_argument("path", nargs="?", default="runs", metavar="DIR")
+    p.add_argument("--json", action="store_true", help="one JSON object per run instead of a table")
+    return p
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from gptrain.runs import runs_report
+
+    print(runs_report(args.path, as_json=args.json))
+    return 0
+
+
+def build_plot_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("plot", allow_abbrev=False, help="plot loss, lr and throughput curves of runs to a PNG")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (runs/<name>)")
+    p.add_argument("-o", "--out", default="curves.png", help="output image (default curves.png)")
+    p.add_argument("--x", choices=("steps", "tokens"), default="steps", help="x axis: optimizer steps or tokens")
+    return p
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from gptrain.plot import plot_runs
+
+    counts = plot_runs(args.runs, args.out, x=args.x)
+    print(f"wrote {args.out} ({counts['train/loss']} run(s))")
+    return 0
+
+
+def build_sync_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("sync", allow_abbrev=False, help="upload a run's offline W&B data",
+                       description="Upload the offline W&B segments of a run, oldest first, into one W&B run.")
+    p.add_argument("run", metavar="RUN", help="run folder (runs/<name>)")
+    p.add_argument("--dry-run", action="store_true", help="list the segments and stop")
+    p.add_argument("--project", help="upload into this W&B project instead of the recorded one")
+    p.add_argument("--entity", help="upload into this W&B entity")
+    p.add_argument("--include-online", action="store_true", help="also upload segments recorded online")
+    return p
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from gptrain.sync import sync_run
+
+    sync_run(args.run, dry_run=args.dry_run, project=args.project, entity=args.entity,
+             include_online=args.include_online)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------- main
 COMMANDS = {
     "train": (build_train_parser, cmd_train),
     "prepare": (build_prepare_parser, cmd_prepare),
     "generate": (build_generate_parser, cmd_generate),
     "eval": (build_eval_parser, cmd_eval),
+    "runs": (build_runs_parser, cmd_runs),
+    "plot": (build_plot_parser, cmd_plot),
+    "sync": (build_sync_parser, cmd_sync),
+    "bench": (build_bench_parser, cmd_bench),
 }
 
 
@@ -220,6 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except PeerFailure as e:  # another process of a torchrun job died or stopped answering
+        if not getattr(e, "reported", False):
+            print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

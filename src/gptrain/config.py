@@ -55,7 +55,9 @@ class TrainConfig:
     preset: str = "tiny"
     num_steps: int = 300
     batch_size: int = 16
-    grad_accum_steps: int = 1
+    # Micro-batches per optimizer step summed over data-parallel ranks (each rank runs its share);
+    # None: one per data-parallel rank. The global batch is batch_size × grad_accum_steps in every layout.
+    grad_accum_steps: int | None = None
     seed: int = 1337
     device: str = "auto"
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
@@ -74,12 +76,83 @@ class TrainConfig:
     progress: str = "auto"  # auto | bar | plain
 
 
+TRACKERS = ("jsonl", "wandb", "tensorboard")
+
+
+@dataclass
+class TrackingConfig:
+    """Where runs are mirrored (metrics.jsonl is always written) and what is sent there."""
+
+    trackers: list[str] = field(default_factory=lambda: ["jsonl"])  # any of TRACKERS; commas allowed
+    use_wandb: bool = False  # same as adding wandb to trackers (the original tool's flag)
+    wandb_project: str = "gptrain"
+    wandb_entity: str | None = None
+    wandb_run_name: str | None = None  # default: the gptrain run name
+    wandb_group: str | None = None
+    wandb_tags: list[str] = field(default_factory=list)
+    wandb_notes: str | None = None
+    wandb_mode: str = "auto"  # auto (online with an API key, else offline) | online | offline | disabled
+    wandb_init_timeout: float = 30.0  # seconds an online start may take before falling back to offline
+    wandb_log_checkpoints: str = "off"  # off | reference | upload
+    sample_prompts: list[str] = field(default_factory=lambda: ["def ", "class ", "import "])
+    sample_every: int | None = None  # None: at every evaluation; 0: never
+    sample_tokens: int = 32
+    alert_spike_factor: float = 2.0  # a train loss this many times its running average raises an alert
+    alert_interval: float = 600.0  # seconds between two alerts of the same kind
+
+    def enabled(self) -> list[str]:
+        """The trackers to run, jsonl first: --trackers (comma lists allowed) plus --use-wandb."""
+        names = ["jsonl"] + [n.strip() for item in self.trackers for n in item.split(",") if n.strip()]
+        if self.use_wandb:
+            names.append("wandb")
+        return list(dict.fromkeys(names))
+
+    def tags(self) -> list[str]:
+        return [t.strip() for item in self.wandb_tags for t in item.split(",") if t.strip()]
+
+
+AC_MODES = ("none", "full", "selective")
+
+
+@dataclass
+class ParallelConfig:
+    """How processes launched by torchrun share the work (see gptrain.distributed).
+
+    World size = dp_replicate × dp_shard × tp. -1 (the default for dp_replicate) takes whatever
+    the other degrees leave, so a plain `torchrun --nproc-per-node=N` is N DDP replicas.
+    """
+
+    dp_replicate: int = -1  # DDP replicas (HSDP replicas when combined with dp_shard or tp)
+    dp_shard: int = 1  # FSDP2 shards
+    tp: int = 1  # tensor-parallel degree
+    use_tensor_parallel: bool = False  # the original tool's flag: every process in one tensor-parallel group
+    ac: str = "none"  # activation checkpointing per block: none | full | selective
+    timeout: float = 600.0  # seconds a collective may wait for a peer before the job stops with an error
+
+
+@dataclass
+class ProfileConfig:
+    """torch.profiler schedule, NVTX ranges and CUDA memory snapshots (gptrain.profiling)."""
+
+    enabled: bool = False
+    wait: int = 5  # steps skipped before each profiling cycle
+    warmup: int = 2  # steps traced but discarded
+    active: int = 3  # steps recorded
+    repeat: int = 1  # cycles (0: until training ends)
+    dir: str | None = None  # default runs/<name>/profile
+    nvtx: bool = False  # NVTX ranges around data, forward, backward, optimizer, checkpoint
+    memory_snapshot: bool = False  # CUDA only: a snapshot for pytorch.org/memory_viz
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -96,7 +169,8 @@ class Config:
         return cfg
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
+            "tracking": TrackingConfig, "parallel": ParallelConfig, "profile": ProfileConfig}
 
 
 @dataclass(frozen=True)
@@ -151,7 +225,8 @@ OPTIONS: list[Option] = [
     # training
     Option("train.num_steps", ("--num-steps", "--max-steps"), "optimizer steps"),
     Option("train.batch_size", ("--batch-size",), "sequences per micro-batch (per process)"),
-    Option("train.grad_accum_steps", ("--grad-accum-steps",), "micro-batches per optimizer step"),
+    Option("train.grad_accum_steps", ("--grad-accum-steps",), "micro-batches per optimizer step, summed over "
+           "data-parallel ranks (default: one per rank); the global batch is --batch-size × this in every layout"),
     Option("train.seed", ("--seed", "--data-seed"), "seed of the initialisation and the data order"),
     Option("train.device", ("--device",), "auto, cpu, cuda, cuda:N"),
     Option("train.precision", ("--precision",), "auto (bf16 on capable GPUs, fp32 on CPU), fp32, bf16, fp16",
@@ -169,18 +244,55 @@ OPTIONS: list[Option] = [
     Option("train.sample_prompt", ("--sample-prompt",), "prompt of the sample printed at the end"),
     Option("train.sample_tokens", ("--sample-tokens",), "tokens to generate for that sample"),
     Option("train.progress", ("--progress",), "console display", choices=("auto", "bar", "plain")),
+    # experiment tracking
+    Option("tracking.trackers", ("--trackers",), "trackers to run besides metrics.jsonl: wandb, tensorboard "
+           "(e.g. --trackers jsonl,wandb,tensorboard)"),
+    Option("tracking.use_wandb", ("--use-wandb",), "stream the run to Weights & Biases (same as --trackers wandb)"),
+    Option("tracking.wandb_project", ("--wandb-project",), "W&B project"),
+    Option("tracking.wandb_entity", ("--wandb-entity",), "W&B entity (user or team; default: your default)"),
+    Option("tracking.wandb_run_name", ("--wandb-run-name",), "W&B display name (default: the run name)"),
+    Option("tracking.wandb_group", ("--wandb-group",), "W&B group"),
+    Option("tracking.wandb_tags", ("--wandb-tags",), "W&B tags (space or comma separated)"),
+    Option("tracking.wandb_notes", ("--wandb-notes",), "W&B notes"),
+    Option("tracking.wandb_mode", ("--wandb-mode",), "auto: online when an API key is configured, else offline",
+           choices=("auto", "online", "offline", "disabled")),
+    Option("tracking.wandb_init_timeout", ("--wandb-init-timeout",), "seconds an online W&B start may take "
+           "before falling back to offline"),
+    Option("tracking.wandb_log_checkpoints", ("--wandb-log-checkpoints",), "checkpoints as W&B artifacts: "
+           "reference records path, size and checksum; upload copies them", choices=("off", "reference", "upload")),
+    Option("tracking.sample_prompts", ("--sample-prompts",), "prompts of the text samples logged at evaluations"),
+    Option("tracking.sample_every", ("--sample-every",), "log text samples every N steps (default: at every "
+           "evaluation; 0: never)"),
+    Option("tracking.sample_tokens", ("--sample-new-tokens",), "tokens generated per logged sample"),
+    Option("tracking.alert_spike_factor", ("--alert-spike-factor",), "alert when the train loss exceeds this "
+           "multiple of its running average (0: off)"),
+    # multi-process layouts (torchrun), activation checkpointing
+    Option("parallel.dp_replicate", ("--dp-replicate",), "DDP replicas (-1: the processes the other degrees "
+           "leave)"),
+    Option("parallel.dp_shard", ("--dp-shard",), "FSDP2 shards of parameters, gradients and optimizer state"),
+    Option("parallel.tp", ("--tp", "--tensor-parallel"), "tensor-parallel degree (splits heads and MLP)"),
+    Option("parallel.use_tensor_parallel", ("--use-tensor-parallel",), "all processes form one tensor-parallel "
+           "group (same as --tp WORLD_SIZE)"),
+    Option("parallel.ac", ("--ac", "--activation-checkpoint"), "recompute activations in backward per block: "
+           "full, or selective (keeps matmul/attention outputs)", choices=AC_MODES),
+    Option("parallel.timeout", ("--dist-timeout",), "seconds a collective waits for a peer before the job "
+           "stops with an error"),
+    # profiling
+    Option("profile.enabled", ("--use-profiler", "--profile"), "trace steps with torch.profiler into "
+           "runs/<name>/profile/ (Perfetto / TensorBoard)"),
+    Option("profile.wait", ("--profile-wait",), "profiler: steps skipped before each cycle"),
+    Option("profile.warmup", ("--profile-warmup",), "profiler: warmup steps per cycle"),
+    Option("profile.active", ("--profile-active",), "profiler: recorded steps per cycle"),
+    Option("profile.repeat", ("--profile-repeat",), "profiler: cycles (0: until the end)"),
+    Option("profile.dir", ("--profile-dir",), "where traces go (default runs/<name>/profile)"),
+    Option("profile.nvtx", ("--nvtx",), "NVTX ranges for Nsight Systems (data, forward, backward, optimizer, "
+           "checkpoint)"),
+    Option("profile.memory_snapshot", ("--memory-snapshot",), "CUDA: record allocations and write a snapshot "
+           "for pytorch.org/memory_viz into the profile folder"),
 ]
 
 # The original tool's flags that belong to features built later: rejected with a message, never ignored.
-_PARALLEL = "multi-process training (DDP/FSDP/tensor parallel) is not built yet; train in one process."
-_TRACKING = "experiment tracking beyond metrics.jsonl is not built yet; metrics go to runs/<name>/metrics.jsonl."
 NOT_YET_SUPPORTED: dict[str, str] = {
-    "--use-tensor-parallel": _PARALLEL,
-    "--use-activation-checkpoint": "activation checkpointing is not built yet; lower --batch-size to save memory.",
-    "--use-profiler": "the profiler is not built yet.",
-    "--use-wandb": _TRACKING,
-    "--wandb-project": _TRACKING,
-    "--wandb-run-name": _TRACKING,
 }
 
 
@@ -307,7 +419,8 @@ def validate(cfg: Config) -> None:
     if seq_len is not None and seq_len < 1:
         raise UserError(f"--seq-len must be at least 1, got {seq_len}.")
     for name, value in [("num_steps", t.num_steps), ("batch_size", t.batch_size),
-                        ("grad_accum_steps", t.grad_accum_steps), ("log_every", t.log_every),
+                        ("grad_accum_steps", 1 if t.grad_accum_steps is None else t.grad_accum_steps),
+                        ("log_every", t.log_every),
                         ("keep_last", t.keep_last)]:
         if value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
@@ -321,6 +434,8 @@ def validate(cfg: Config) -> None:
         raise UserError(f"--decay-fraction must be in [0, 1], got {o.decay_fraction}.")
     if o.lr_scheduler not in ("cosine", "constant", "wsd", "linear"):
         raise UserError(f"unknown --lr-scheduler '{o.lr_scheduler}'. Choose cosine, constant, wsd or linear.")
+    validate_tracking(cfg.tracking)
+    validate_parallel(cfg)
     if t.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise UserError(f"unknown --precision '{t.precision}'. Choose auto, fp32, bf16 or fp16.")
 
@@ -332,3 +447,41 @@ def largest_divisor(n: int, at_most: int) -> int:
 # The model settings that define the shape of the weights: changing one on resume is an error.
 SHAPE_KEYS = ("vocab_size", "max_position_embeddings", "n_layers", "n_heads", "d_model", "d_ff", "bias",
               "tie_embeddings", "pad_vocab_multiple")
+
+
+def validate_tracking(tr: TrackingConfig) -> None:
+    unknown = [n for n in tr.enabled() if n not in TRACKERS]
+    if unknown:
+        raise UserError(f"unknown tracker '{unknown[0]}'.{suggest(unknown[0], list(TRACKERS))} "
+                        f"--trackers takes a comma list of {', '.join(TRACKERS)}.")
+    if tr.wandb_mode not in ("auto", "online", "offline", "disabled"):
+        raise UserError(f"unknown --wandb-mode '{tr.wandb_mode}'. Choose auto, online, offline or disabled.")
+    if tr.wandb_log_checkpoints not in ("off", "reference", "upload"):
+        raise UserError(f"unknown --wandb-log-checkpoints '{tr.wandb_log_checkpoints}'. Choose off, reference "
+                        "or upload.")
+    if tr.sample_every is not None and tr.sample_every < 0:
+        raise UserError(f"--sample-every must be ≥ 0 (0: never), got {tr.sample_every}.")
+    if tr.wandb_init_timeout <= 0:
+        raise UserError(f"--wandb-init-timeout must be positive, got {tr.wandb_init_timeout}.")
+
+
+def validate_parallel(cfg: Config) -> None:
+    """Layout settings that are wrong whatever the world size (the rest: gptrain.distributed.resolve_layout)."""
+    p, pr = cfg.parallel, cfg.profile
+    for name, value in [("dp_replicate", p.dp_replicate), ("dp_shard", p.dp_shard), ("tp", p.tp)]:
+        if value == 0 or value < -1:
+            raise UserError(f"--{name.replace('_', '-')} must be a positive integer (or -1: the processes left), "
+                            f"got {value}.")
+    if p.ac not in AC_MODES:
+        raise UserError(f"unknown --ac '{p.ac}'. Choose none, full or selective.")
+    if p.timeout <= 0:
+        raise UserError(f"--dist-timeout must be positive (seconds), got {p.timeout}.")
+    if cfg.train.compile and p.ac != "none" and (p.tp != 1 or p.use_tensor_parallel):
+        raise UserError("--compile with activation checkpointing (--ac) under tensor parallel fails inside "
+                        "torch.compile in this PyTorch (checkpointed DTensor activations). Drop --compile or --ac "
+                        "for tensor-parallel runs; each works on its own.")
+    for name, value in [("wait", pr.wait), ("warmup", pr.warmup), ("repeat", pr.repeat)]:
+        if value < 0:
+            raise UserError(f"--profile-{name} must be ≥ 0, got {value}.")
+    if pr.active < 1:
+        raise UserError(f"--profile-active must be at least 1, got {pr.active}.")

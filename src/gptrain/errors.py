@@ -8,3 +8,7 @@ exception is a bug in gptrain and keeps its traceback.
 
 class UserError(Exception):
     """A problem with the user's input: the message names the problem and the fix."""
+
+
+class PeerFailure(Exception):
+    """Another process of a multi-process job died or stopped answering; this one stops too."""

@@ -39,13 +39,19 @@ def evaluate_loss(
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     count = torch.zeros((), device=device, dtype=torch.float64)
-    for start in range(lo, hi, batch_size):
-        x, y = eval_batch(val_tokens, seq_len, range(start, min(start + batch_size, hi)))
+    # Every rank runs the same number of forward passes: under FSDP each forward is a collective
+    # (parameter all-gathers). A rank whose share ran out repeats its first window and discards it.
+    most = -(-n // dp_world)  # the largest share, in windows
+    for start in range(lo, lo + max(1, most), batch_size):
+        end = min(start + batch_size, hi)
+        scored = end > start
+        x, y = eval_batch(val_tokens, seq_len, range(start, end) if scored else range(min(lo, n - 1), min(lo, n - 1) + 1))
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast or contextlib.nullcontext():
             logits = model(x)
-        loss_sum += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
-        count += y.numel()
+        if scored:
+            loss_sum += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
+            count += y.numel()
     if dp_world > 1 and dist.is_initialized():
         dist.all_reduce(loss_sum, group=dp_group)
         dist.all_reduce(count, group=dp_group)

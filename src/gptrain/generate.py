@@ -7,6 +7,10 @@ import torch
 from gptrain.model import GPT
 
 
+class NonFiniteLogits(ValueError):
+    """Sampling is impossible: the model produced NaN/inf logits (e.g. after a diverged training)."""
+
+
 @torch.no_grad()
 def generate(
     model: GPT,
@@ -36,6 +40,8 @@ def generate(
     x = torch.tensor([ids], device=device)
     for _ in range(max(0, max_new_tokens)):
         logits = model(x, kv_cache=cache)[0, -1, :vocab].float()
+        if not bool(torch.isfinite(logits).all()):
+            raise NonFiniteLogits("the model's logits are not finite (the weights hold NaN or inf)")
         if temperature <= 0:
             nxt = int(torch.argmax(logits))
         else:

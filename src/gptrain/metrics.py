@@ -39,6 +39,71 @@ def gpu_peak_flops(device: torch.device, precision: str) -> float | None:
     return peak * 1e12 if peak else None
 
 
+# MFU, the one way gptrain computes it (README "Performance"): model FLOPs per token
+# 6·N + 12·n_layers·d_model·T (N = parameters except the position embedding, a tied embedding
+# once; attention over the full context T, as PaLM and nanoGPT count it), times tokens/s, over the
+# peak: the GPU's dense spec peak by exact name, or on CPU the measured matrix-product peak.
+MFU_FORMULA = "mfu = (6*N + 12*n_layers*d_model*T) * tokens_per_sec / (peak_flops * world_size)"
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_measured: dict[tuple, float] = {}
+
+
+def measure_matmul_flops(device: torch.device, precision: str = "fp32", size: int = 2048,
+                         min_seconds: float = 0.25, max_reps: int = 50) -> float:
+    """FLOP/s of a square `size`² matrix product in the training precision on this device, now.
+
+    One untimed product warms up the BLAS (threads, caches); then products are timed until
+    `min_seconds` have passed (at least two), and the best is kept: it is the device's limit,
+    not an average over the moments another process took the cores.
+    """
+    dtype = _DTYPES[precision]
+    gen = torch.Generator(device=device).manual_seed(0)  # its own generator: training's RNG streams stay untouched
+    a = torch.randn(size, size, device=device, generator=gen).to(dtype)
+    b = torch.randn(size, size, device=device, generator=gen).to(dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    cuda = device.type == "cuda"
+    inner = 1
+    if cuda:  # one product takes microseconds: time a batch of them between synchronisations
+        torch.mm(a, b, out=out)
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        torch.cuda.synchronize(device)
+        inner = max(1, min(100, int(0.01 / max(time.perf_counter() - t0, 1e-6))))
+    else:
+        torch.mm(a, b, out=out)
+    best, spent, reps = float("inf"), 0.0, 0
+    while reps < 2 or (spent < min_seconds and reps < max_reps):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            torch.mm(a, b, out=out)
+        if cuda:
+            torch.cuda.synchronize(device)
+        dt = time.perf_counter() - t0
+        best, spent, reps = min(best, dt / inner), spent + dt, reps + 1
+    return 2.0 * size**3 / best
+
+
+def peak_flops_for(device: torch.device, precision: str) -> tuple[float | None, str]:
+    """The peak MFU is measured against, and where it came from.
+
+    GPU: the dense spec peak of the exact device name (unknown name: None, MFU unknown).
+    CPU: a short fp32/bf16 matrix-product measurement (~0.3 s, cached per process and thread count).
+    """
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = gpu_peak_flops(device, precision)
+        return (peak, f"spec: {name} {precision} dense") if peak else \
+            (None, f"unknown: {name} is not in gptrain.metrics.GPU_PEAK_TFLOPS")
+    if device.type != "cpu":
+        return None, f"unknown: no peak for device type {device.type}"
+    key = (device.type, precision, torch.get_num_threads())
+    if key not in _measured:
+        _measured[key] = measure_matmul_flops(device, precision)
+    return _measured[key], (f"measured: {precision} 2048x2048 matrix product on {torch.get_num_threads()} "
+                            "thread(s), best of ~0.25 s, at run start")
+
+
 def process_rss_bytes() -> int:
     """Peak resident set size of this process (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

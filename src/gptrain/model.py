@@ -52,7 +52,7 @@ class ModelConfig:
 
 # Standard GPT-2 shapes; vocab and context come from the data unless set explicitly.
 PRESETS: dict[str, dict] = {
-    "tiny": dict(n_layers=4, n_heads=4, d_model=256, max_position_embeddings=256),
+    "tiny": dict(n_layers=4, n_heads=4, d_model=192, max_position_embeddings=256),
     "small-cpu": dict(n_layers=6, n_heads=6, d_model=384, max_position_embeddings=256),
     "gpt2": dict(n_layers=12, n_heads=12, d_model=768, max_position_embeddings=1024),
     "gpt2-medium": dict(n_layers=24, n_heads=16, d_model=1024, max_position_embeddings=1024),
@@ -152,12 +152,6 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, V, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        if V > cfg.vocab_size:
-            mask = torch.zeros(V)
-            mask[cfg.vocab_size :] = float("-inf")
-            self.register_buffer("logit_pad_mask", mask, persistent=False)
-        else:
-            self.logit_pad_mask = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -193,8 +187,11 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.length += T
         logits = self.lm_head(self.ln_f(x))
-        if self.logit_pad_mask is not None:
-            logits = logits + self.logit_pad_mask.to(logits.dtype)
+        if logits.size(-1) > self.cfg.vocab_size:
+            # The padding ids can never be predicted. Written in place into the pad columns only (the
+            # matmul's backward does not need its output): adding a -inf mask row instead would read
+            # and write all B·T·V logits once more and allocate a second logits tensor.
+            logits[..., self.cfg.vocab_size :] = float("-inf")
         if targets is None:
             return logits
         # Under autocast, cross_entropy runs in fp32 by itself; no fp32 copy of the logits here.

@@ -7,8 +7,8 @@ the pieces the recipe uses (data, model, optimizer, run folder, checkpoints, met
 from __future__ import annotations
 
 import contextlib
-import math
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +23,26 @@ from gptrain.data.dataset import resolve_dataset
 from gptrain.data.loader import BatchLayout, DevicePrefetcher, TrainBatches, open_tokens
 from gptrain.data.prepare import read_meta
 from gptrain.data.tokenizer import load_dataset_tokenizer
-from gptrain.distributed import all_reduce_mean, init_distributed
-from gptrain.errors import UserError
+from gptrain.distributed import (
+    StopAgreement,
+    all_reduce_mean,
+    host_all_reduce,
+    init_distributed,
+    is_main_process,
+    is_peer_failure,
+    peer_failure,
+    shutdown_distributed,
+    validate_layout,
+)
+from gptrain.distributed import checkpointing as dist_ckpt
+from gptrain.distributed.parallelize import full_value, gradient_sync, parallelize
+from gptrain.errors import PeerFailure, UserError
 from gptrain.evaluate import evaluate_loss
-from gptrain.generate import generate
-from gptrain.metrics import LossAccumulator, StepTimer, gpu_peak_flops, memory_metrics
+from gptrain.generate import NonFiniteLogits, generate
+from gptrain.metrics import MFU_FORMULA, LossAccumulator, StepTimer, memory_metrics, peak_flops_for
 from gptrain.model import GPT, flops_per_token
 from gptrain.optim import build_optimizer, lr_at, set_lr
+from gptrain.profiling import Profiler
 from gptrain.run_folder import (
     environment_record,
     make_run_dir,
@@ -39,7 +52,9 @@ from gptrain.run_folder import (
     update_run_status,
     write_json_atomic,
 )
-from gptrain.tracking import JsonlTracker, MultiTracker, NullTracker
+from gptrain.runs import process_identity
+from gptrain.tracking import NullTracker, build_trackers
+from gptrain.tracking.samples import is_sharded, sample_completions
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -98,14 +113,15 @@ class StopRequest:
 class Trainer:
     def __init__(self, cfg: Config, explicit: set[str] | None = None, console: RunConsole | None = None):
         self.explicit = set(explicit or ())
-        self.dist, self.device = init_distributed(cfg.train.device)
-        self.console = console or RunConsole(cfg.train.progress, enabled=self.dist.is_main)
         self.cfg = cfg
         self.resume_from: ckpt_lib.Checkpoint | None = None
         if cfg.train.resume:
             self.resume_from = self._find_resume_checkpoint(cfg.train.resume)
             self.cfg = cfg = self._merge_resumed_config(cfg, self.resume_from)
         validate(cfg)
+        # Layout errors (degrees vs world size, heads vs --tp, ...) are raised here, before any work.
+        self.dist, self.device = init_distributed(cfg.train.device, cfg.parallel, cfg.model, cfg.train.precision)
+        self.console = console or RunConsole(cfg.train.progress, enabled=self.dist.is_main)
         self.precision = resolve_precision(cfg.train.precision, self.device, self.console)
         self._setup_data()
         self._setup_run_folder()
@@ -144,13 +160,18 @@ class Trainer:
                 )
             setattr(getattr(saved, section), key, new_value)
         saved.train.resume = cfg.train.resume
+        # The layout and profiling belong to this launch, not to the run: a run resumes in any layout.
+        saved.parallel, saved.profile = cfg.parallel, cfg.profile
         return saved
 
     def _setup_data(self) -> None:
         cfg = self.cfg
         if self.resume_from is not None and not cfg.data.dataset:
             cfg.data.dataset = self.resume_from.info.get("dataset_dir")
-        self.dataset_dir = resolve_dataset(cfg.data, self.console, is_main=self.dist.is_main)
+        if self.dist.enabled:  # rank 0 prepares raw data; the others wait for it (or for its error)
+            self.dataset_dir = self._resolve_dataset_on_rank0(cfg)
+        else:
+            self.dataset_dir = resolve_dataset(cfg.data, self.console, is_main=True)
         self.meta = read_meta(self.dataset_dir)
         self.tokenizer = load_dataset_tokenizer(self.dataset_dir)
         data_vocab = int(self.meta["vocab_size"])
@@ -171,9 +192,34 @@ class Trainer:
         self.train_tokens = open_tokens(self.dataset_dir / "train.bin", dtype)
         self.val_tokens = open_tokens(self.dataset_dir / "val.bin", dtype)
         t = cfg.train
-        self.layout = BatchLayout(t.batch_size, t.grad_accum_steps, self.dist.dp_world, self.dist.dp_rank)
+        # --grad-accum-steps counts micro-batches per step over all data-parallel ranks, so the global
+        # batch (batch_size × grad_accum_steps windows) is the same in every layout.
+        dp = self.dist.dp_world
+        if t.grad_accum_steps is None:
+            t.grad_accum_steps = dp
+        if t.grad_accum_steps % dp:
+            raise UserError(f"--grad-accum-steps {t.grad_accum_steps} cannot be split evenly over {dp} data-parallel "
+                            f"ranks (it counts micro-batches per step over all of them). Use a multiple of {dp}, "
+                            f"e.g. --grad-accum-steps {dp * max(1, round(t.grad_accum_steps / dp))} (that changes the "
+                            "global batch), or another layout.")
+        self.layout = BatchLayout(t.batch_size, t.grad_accum_steps // dp, dp, self.dist.dp_rank)
         self.batches = TrainBatches(self.train_tokens, self.seq_len, self.layout, t.seed)
         self.tokens_per_step = self.layout.global_batch * self.seq_len
+
+    def _resolve_dataset_on_rank0(self, cfg: Config) -> Path:
+        import torch.distributed as dist
+
+        result: list[Any] = [None]
+        if self.dist.is_main:
+            try:
+                result = [("ok", str(resolve_dataset(cfg.data, self.console, is_main=True)))]
+            except UserError as e:
+                result = [("error", str(e))]
+        dist.broadcast_object_list(result, src=0, group=self.dist.control_group)
+        kind, value = result[0]
+        if kind == "error":
+            raise UserError(value)
+        return Path(value)
 
     def _setup_run_folder(self) -> None:
         t = self.cfg.train
@@ -181,9 +227,11 @@ class Trainer:
             info = self.resume_from.info
             t.run_name = info["run_name"]
             self.run_id = info["run_id"]
-            run_dir = Path(info.get("run_dir") or self.resume_from.path.parent.parent)
-            if not run_dir.is_dir():  # the checkpoint was moved: the run folder is the one around it
-                run_dir = self.resume_from.path.parent.parent
+            around = self.resume_from.path.parent.parent
+            run_dir = Path(info.get("run_dir") or around)
+            # A checkpoint inside a run folder (also a copied or moved one) continues that folder.
+            if not run_dir.is_dir() or (around / "run.json").is_file():
+                run_dir = around
         else:
             t.run_name = t.run_name or new_run_name()
             self.run_id = new_run_id()
@@ -200,8 +248,10 @@ class Trainer:
             if self.resume_from is not None:
                 run_info["resumes"].append({"from_step": self.resume_from.step, "at": time.time()})
             write_json_atomic(run_dir / "run.json", run_info)
-            update_run_status(run_dir, "running")
-            self.tracker = MultiTracker([JsonlTracker(run_dir)], warn=self.console.warn)
+            update_run_status(run_dir, "running", **process_identity())
+        if self.dist.is_main and is_main_process():  # global rank 0 owns the trackers
+            self.tracker = build_trackers(self.cfg, run_dir, self.run_id,
+                                          self.resume_from.step if self.resume_from else None, self.console)
         else:
             self.tracker = NullTracker()
 
@@ -216,16 +266,21 @@ class Trainer:
         self.n_params_non_embedding = model.num_parameters(non_embedding=True)
         n_flops_params = self.n_params - model.pos_emb.weight.numel()
         self.flops_per_token = flops_per_token(cfg.model, self.seq_len, n_flops_params)
-        self.model = model  # wrapped for parallelism / compile in later layers
-        if cfg.train.compile:
-            for block in model.blocks.values():
-                block.compile()  # in place: parameter names (and checkpoints) stay those of the plain model
+        validate_layout(self.dist.layout, cfg.model, self.device.type, "nccl" if self.device.type == "cuda"
+                        else "gloo", self.precision)  # again, now that the vocabulary is known
+        # TP → activation checkpointing → compile → FSDP2/DDP, in place on `model` (names unchanged);
+        # self.model is what the loop calls (a DDP wrapper, a whole-model torch.compile wrapper, or the model).
+        self.model = parallelize(model, self.dist, self.device, ac=cfg.parallel.ac, compile=cfg.train.compile,
+                                 precision=self.precision)
+        self.profiler = Profiler(cfg.profile, Path(cfg.profile.dir) if cfg.profile.dir else self.run_dir / "profile",
+                                 self.dist.rank, self.device, warn=self.console.warn)
         self.optimizer = build_optimizer(model, cfg.optim, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         amp = self.precision in ("bf16", "fp16")
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=DTYPES[self.precision])) if amp \
             else contextlib.nullcontext
-        self.peak_flops = gpu_peak_flops(self.device, self.precision)
+        # MFU's denominator: a GPU's spec peak by exact name, or on CPU a ~0.3 s matmul measurement now.
+        self.peak_flops, self.peak_flops_source = peak_flops_for(self.device, self.precision)
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> RunResult:
@@ -238,7 +293,10 @@ class Trainer:
 
         loss_acc = LossAccumulator(self.device)
         timer = StepTimer()
-        prefetch = DevicePrefetcher(self.batches, self.device, t.grad_accum_steps)
+        accum = self.layout.grad_accum  # this rank's micro-batches per step
+        prefetch = DevicePrefetcher(self.batches, self.device, accum)
+        stop_agreement = StopAgreement(self.dist)
+        prof = self.profiler
         params = [p for p in self.model.parameters() if p.requires_grad]
         clip = t_clip if (t_clip := cfg.optim.grad_clip) > 0 else float("inf")
         grad_norm = torch.zeros((), device=self.device)
@@ -250,30 +308,36 @@ class Trainer:
         step = start_step
         console.start_bar(t.num_steps, start_step)
         try:
-            with StopRequest() as stop:
+            with StopRequest() as stop, prof:
                 while step < t.num_steps:
                     # --- one optimizer step: grad_accum micro-batches, then clip and update
                     lr = lr_at(step, cfg.optim, t.num_steps)
                     set_lr(self.optimizer, lr)
                     timer.start()
-                    for micro in range(t.grad_accum_steps):
-                        x, y = prefetch.get(step, micro)
+                    for micro in range(accum):
+                        with prof.range("data"):
+                            x, y = prefetch.get(step, micro)
                         timer.lap("data")
-                        with self.autocast():
-                            loss = self.model(x, y)
-                        loss_acc.add(loss)
-                        self.scaler.scale(loss / t.grad_accum_steps).backward()
+                        with gradient_sync(self.model, sync=micro == accum - 1):  # DDP: reduce once per step
+                            with prof.range("forward"), self.autocast():
+                                loss = self.model(x, y)
+                            loss_acc.add(loss)
+                            with prof.range("backward"):
+                                self.scaler.scale(loss / accum).backward()
                         timer.lap("fwd_bwd")
-                    self.scaler.unscale_(self.optimizer)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    with prof.range("optimizer"):
+                        self.scaler.unscale_(self.optimizer)
+                        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+                        self.scaler.step(self.optimizer)
+                        self.scaler.update()
+                        self.optimizer.zero_grad(set_to_none=True)
                     timer.lap("optim")
+                    prof.step()
                     step += 1
                     interval_steps += 1
                     tokens_seen += self.tokens_per_step
                     last = step == t.num_steps
+                    stop_now = stop_agreement.update(stop.requested)  # every rank stops at the same step
 
                     # --- log, evaluate, checkpoint: the only places that wait for the device
                     if step % t.log_every == 0 or last:
@@ -289,18 +353,34 @@ class Trainer:
                     val_now = None
                     if (t.eval_every > 0 and step % t.eval_every == 0) or last:
                         val_now = last_val = self._evaluate(step, tokens_seen)
-                    if stop.requested or last or (t.save_every > 0 and step % t.save_every == 0):
-                        last_ckpt = self._save(step, tokens_seen, val_now)
-                    if stop.requested:
-                        console.print(f"{stop.signal_name} received: stopped after step {step} and saved "
+                    if self._samples_due(step, evaluated=val_now is not None):
+                        self._log_samples(step)
+                    if stop_now or last or (t.save_every > 0 and step % t.save_every == 0):
+                        with prof.range("checkpoint"):
+                            last_ckpt = self._save(step, tokens_seen, val_now, final=stop_now or last)
+                    if stop_now:
+                        why = stop.signal_name or "a stop request on another rank"
+                        console.print(f"{why} received: stopped after step {step} and saved "
                                       f"{last_ckpt}. Continue with: gptrain train --resume {self.run_dir}")
+                        if self.dist.enabled:
+                            print(f"rank {self.dist.rank}: stopped after step {step} ({why})", file=sys.stderr,
+                                  flush=True)
                         status = "interrupted"
                         break
                     paused += time.perf_counter() - pause_start
+                stop_agreement.finish()
             if status != "interrupted":
                 status = "finished"
         except KeyboardInterrupt:
             status = "interrupted"
+            raise
+        except Exception as e:
+            if isinstance(e, PeerFailure) or (self.dist.enabled and is_peer_failure(e)):
+                # Another rank died: say so at once (the launcher may kill this process any moment now).
+                failure = e if isinstance(e, PeerFailure) else peer_failure(e, self.dist)
+                print(f"error: {failure}", file=sys.stderr, flush=True)
+                failure.reported = True
+                raise failure from e
             raise
         finally:
             console.stop_bar()
@@ -308,6 +388,9 @@ class Trainer:
                 self.tracker.finish(status)
                 update_run_status(self.run_dir, status, step=step, tokens_seen=tokens_seen, best_val_loss=None
                                   if last_val is None else last_val)
+        summary = prof.summary() if status == "finished" else None
+        if summary:
+            console.print(summary)
         sample = self._final_sample() if status == "finished" else None
         console.close()
         return RunResult(self.run_dir, step, last_val, last_ckpt, status, sample)
@@ -321,18 +404,25 @@ class Trainer:
     def _train_metrics(self, loss_acc: LossAccumulator, grad_norm: torch.Tensor, lr: float,
                        parts: dict[str, float], elapsed: float, steps: int, tokens_seen: int,
                        step: int) -> dict[str, Any]:
+        # Mean over every rank = mean over data-parallel ranks (tensor-parallel peers hold the same loss).
         mean_loss = all_reduce_mean(loss_acc.total / max(1, loss_acc.count))
-        step_time = elapsed / max(1, steps)
-        global_tps = steps * self.tokens_per_step / elapsed
+        # The slowest rank sets the pace: throughput is global tokens over its wall time.
+        fastest, slowest = elapsed, elapsed
+        if self.dist.enabled:
+            (slowest,), (fastest,) = host_all_reduce([elapsed], "max", self.dist), \
+                host_all_reduce([elapsed], "min", self.dist)
+        step_time = slowest / max(1, steps)
+        global_tps = steps * self.tokens_per_step / slowest
         row: dict[str, Any] = {
             "train/loss": mean_loss.item(),
-            "train/grad_norm": grad_norm.item(),
+            "train/grad_norm": full_value(grad_norm).item(),
             "lr": lr,
             "train/tokens_seen": tokens_seen,
             "train/epoch": self.batches.epoch_of(step),
             "tokens_per_sec_per_rank": global_tps / self.dist.world_size,
             "global_tokens_per_sec": global_tps,
             "perf/step_time": step_time,
+            "perf/step_time_fastest_rank": fastest / max(1, steps),
             "amp": int(self.precision in ("bf16", "fp16")),
         }
         for name, seconds in parts.items():
@@ -340,30 +430,22 @@ class Trainer:
         if self.peak_flops:
             row["perf/mfu"] = self.flops_per_token * global_tps / (self.peak_flops * self.dist.world_size)
         row.update(memory_metrics(self.device))
-        if not math.isfinite(row["train/loss"]):
-            self.console.warn(f"non-finite train loss ({row['train/loss']}) at step {step}.")
         return row
 
     def _evaluate(self, step: int, tokens_seen: int) -> float:
         t = self.cfg.train
         loss, ppl, n = evaluate_loss(self.model, self.val_tokens, self.seq_len, t.eval_tokens, t.batch_size,
-                                     self.device, self.autocast(), self.dist.dp_rank, self.dist.dp_world)
+                                     self.device, self.autocast(), self.dist.dp_rank, self.dist.dp_world,
+                                     self.dist.dp_group)
         self.tracker.log({"val/loss": loss, "val/ppl": ppl, "val/tokens": n, "train/tokens_seen": tokens_seen},
                          step)
         self.console.print(f"step {step:>6}/{t.num_steps} | val loss {loss:.4f} | val ppl {ppl:.2f} "
                            f"({n:,} tokens)")
         return loss
 
-    def _save(self, step: int, tokens_seen: int, val_loss: float | None) -> Path | None:
-        if not self.dist.is_main:
-            return None
-        model_state = self.raw_model.state_dict()
-        train_state = {
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else torch.empty(0),
-        }
+    def _save(self, step: int, tokens_seen: int, val_loss: float | None, final: bool = False) -> Path | None:
+        """Single process: torch.save of full state. Several processes: a collective, sharded DCP save
+        (plus, for the final checkpoint, the consolidated weights as model.pt for generate/eval)."""
         info = {
             "tokens_seen": tokens_seen,
             "val_loss": val_loss,
@@ -377,40 +459,119 @@ class Trainer:
                           "vocab_size": self.tokenizer.vocab_size, "eot_id": self.tokenizer.eot_id},
         }
         tok_json = self.tokenizer.to_json()
-        path = ckpt_lib.save_checkpoint(self.checkpoint_dir, step, model_state, train_state, info,
-                                        extra_files={"tokenizer.json": tok_json} if tok_json else None)
+        extra_files = {"tokenizer.json": tok_json} if tok_json else None
+        if self.dist.enabled:
+            path = self._save_sharded(step, info, extra_files, final)
+            if not self.dist.is_main:
+                return path
+        else:
+            model_state, optim_state = dist_ckpt.full_state(self.raw_model, self.optimizer)
+            train_state = {
+                "optimizer": optim_state,
+                "scaler": self.scaler.state_dict(),
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else torch.empty(0),
+            }
+            path = ckpt_lib.save_checkpoint(self.checkpoint_dir, step, model_state, train_state, info,
+                                            extra_files=extra_files)
         ckpt_lib.prune_checkpoints(self.checkpoint_dir, self.cfg.train.keep_last)
+        self.tracker.log_checkpoint(path, step, {"tokens_seen": tokens_seen, "val_loss": val_loss})
         self.console.print(f"saved checkpoint {path}")
         return path
 
+    def _save_sharded(self, step: int, info: dict[str, Any], extra_files: dict[str, str] | None,
+                      final: bool) -> Path:
+        import torch.distributed as dist
+
+        group = self.dist.control_group
+        full = dist_ckpt.gather_full_model_state(self.raw_model) if final else None  # collective
+        if final and self.dist.is_main:
+            self._exported_state = full
+        extra = {"rng_cpu": torch.get_rng_state(), "scaler": self.scaler.state_dict()}
+
+        def broadcast(obj):
+            box = [obj]
+            dist.broadcast_object_list(box, src=0, group=group)
+            return box[0]
+
+        return ckpt_lib.save_sharded_checkpoint(
+            self.checkpoint_dir, step, lambda d: dist_ckpt.save_sharded(d, self.raw_model, self.optimizer, extra),
+            info, extra_files, self.dist.rank, broadcast, lambda: dist.barrier(group=group),
+            full_model_state=full if self.dist.is_main else None)
+
     def _restore(self) -> tuple[int, int]:
+        """Load a checkpoint of either kind, written in any layout, into this layout."""
         ckpt = self.resume_from
-        state = ckpt.load_model_state(self.device)
-        try:
-            self.raw_model.load_state_dict(state)
-        except RuntimeError as e:
-            raise UserError(f"checkpoint {ckpt.path} does not fit this model ({str(e).splitlines()[0]}). "
-                            "Resume with the checkpoint's own model settings.") from None
-        train_state = ckpt.load_train_state(self.device)
-        self.optimizer.load_state_dict(train_state["optimizer"])
-        self.scaler.load_state_dict(train_state["scaler"])
+        if ckpt.is_sharded:
+            template = {"rng_cpu": torch.get_rng_state(), "scaler": self.scaler.state_dict()}
+            train_state = dist_ckpt.load_sharded(ckpt.path / "dcp", self.raw_model, self.optimizer, template)
+        else:
+            model_state = ckpt.load_model_state("cpu")
+            train_state = ckpt.load_train_state("cpu")
+            optim_state = train_state["optimizer"]
+            if optim_state["param_groups"] and isinstance(optim_state["param_groups"][0]["params"][0], int):
+                # format 1: optimizer state keyed by position, loadable by this same single-process model only
+                if self.dist.enabled:
+                    raise UserError(f"checkpoint {ckpt.path} predates layout-independent checkpoints: resume it "
+                                    "in one process first (its next checkpoint loads in any layout).")
+                dist_ckpt.load_full_state(self.raw_model, None, model_state, None)
+                self.optimizer.load_state_dict(optim_state)
+            else:
+                dist_ckpt.load_full_state(self.raw_model, self.optimizer, model_state, optim_state)
+        if train_state.get("scaler"):
+            self.scaler.load_state_dict(train_state["scaler"])
         torch.set_rng_state(train_state["rng_cpu"].cpu())
-        if self.device.type == "cuda" and train_state["rng_cuda"].numel():
-            torch.cuda.set_rng_state(train_state["rng_cuda"].cpu(), self.device)
+        rng_cuda = train_state.get("rng_cuda")
+        if self.device.type == "cuda" and rng_cuda is not None and rng_cuda.numel():
+            torch.cuda.set_rng_state(rng_cuda.cpu(), self.device)
         self.console.print(f"resumed from {ckpt.path} (step {ckpt.step})")
         if ckpt.step >= self.cfg.train.num_steps:
             self.console.warn(f"the checkpoint is at step {ckpt.step}, which already reaches --num-steps "
                               f"{self.cfg.train.num_steps}: nothing to train. Pass a larger --num-steps.")
         return ckpt.step, int(ckpt.info.get("tokens_seen", ckpt.step * self.tokens_per_step))
 
+    def _samples_due(self, step: int, evaluated: bool) -> bool:
+        every, prompts = self.cfg.tracking.sample_every, self.cfg.tracking.sample_prompts
+        if not self.dist.is_main or not prompts or self.cfg.tracking.sample_tokens <= 0:
+            return False
+        return evaluated if every is None else (every > 0 and step % every == 0)
+
+    def _log_samples(self, step: int) -> None:
+        """A few short generations from fixed prompts, on rank 0 with the unwrapped model."""
+        if is_sharded(self.raw_model):
+            if not getattr(self, "_noted_sharded", False):
+                self.console.print("text samples skipped: the model is sharded across processes.")
+                self._noted_sharded = True
+            return
+        tr = self.cfg.tracking
+        try:
+            samples = sample_completions(self.raw_model, self.tokenizer, tr.sample_prompts, tr.sample_tokens,
+                                         self.cfg.train.seed, self.device)
+        except RuntimeError as e:  # e.g. NaN weights after a diverged step: a sample must not end the run
+            self.console.warn(f"text samples at step {step} failed: {e}")
+            return
+        self.tracker.log_samples(samples, step)
+
     def _final_sample(self) -> str | None:
         t = self.cfg.train
         if not self.dist.is_main or t.sample_tokens <= 0:
             return None
+        model = self.raw_model
+        if self.dist.enabled:  # sharded weights: sample from the consolidated copy of the final save
+            state = getattr(self, "_exported_state", None)
+            if not state:
+                return None
+            model = GPT(self.cfg.model)
+            model.load_state_dict(state)
+            model.to(self.device)
         gen = torch.Generator(device=self.device).manual_seed(t.seed)
         prompt = self.tokenizer.encode(t.sample_prompt)
-        new = generate(self.raw_model, prompt, t.sample_tokens, generator=gen, stop_id=self.tokenizer.eot_id,
-                       device=self.device)
+        try:
+            new = generate(model, prompt, t.sample_tokens, generator=gen, stop_id=self.tokenizer.eot_id,
+                           device=self.device)
+        except NonFiniteLogits as e:
+            self.console.warn(f"no sample: {e}.")
+            return None
         text = t.sample_prompt + self.tokenizer.decode(new)
         self.console.print("sample:\n" + text)
         return text
@@ -423,6 +584,8 @@ class Trainer:
             n_params_non_embedding=self.n_params_non_embedding,
             tokens_per_step=self.tokens_per_step,
             flops_per_token=self.flops_per_token,
+            mfu={"formula": MFU_FORMULA, "flops_per_token": self.flops_per_token, "peak_flops": self.peak_flops,
+                 "peak_flops_source": self.peak_flops_source},
             precision=self.precision,
             dataset_dir=str(self.dataset_dir),
             dataset_fingerprint=(self.meta.get("inputs") or {}).get("fingerprint"),
@@ -442,8 +605,12 @@ class Trainer:
                 f"({self.n_params_non_embedding:,} non-embedding)")
         c.print(f"device {self.device} ({self.precision}) | {self.layout.global_batch} sequences × {self.seq_len} "
                 f"tokens = {self.tokens_per_step:,} tokens per optimizer step "
-                f"({t.batch_size} per micro-batch × {t.grad_accum_steps} accumulation × {self.dist.dp_world} "
+                f"({t.batch_size} per micro-batch × {self.layout.grad_accum} accumulation × {self.dist.dp_world} "
                 f"data-parallel) | steps {start_step}→{t.num_steps}")
+        if self.dist.enabled:
+            p = self.cfg.parallel
+            c.print(f"layout {self.dist.world_size} processes: {self.dist.layout.describe()} | activation "
+                    f"checkpointing {p.ac} | compile {'on' if t.compile else 'off'}")
 
     def _format_line(self, step: int, row: dict[str, Any]) -> str:
         t = self.cfg.train
@@ -461,5 +628,8 @@ def format_duration(seconds: float) -> str:
 
 
 def train(cfg: Config, explicit: set[str] | None = None, console: RunConsole | None = None) -> RunResult:
-    return Trainer(cfg, explicit, console).fit()
+    try:
+        return Trainer(cfg, explicit, console).fit()
+    finally:
+        shutdown_distributed()
 

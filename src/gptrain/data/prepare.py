@@ -492,7 +492,7 @@ def prepare_dataset(cfg: PrepareConfig, progress: bool | None = None, log: Log |
         if meta is not None:
             s = meta["splits"]
             log(f"reused {out_dir}: same inputs and settings (train {s['train']['tokens']:,} tokens, "
-                f"val {s['val']['tokens']:,} tokens); pass force to rebuild")
+                f"val {s['val']['tokens']:,} tokens); pass --force to rebuild")
             return out_dir
     _check_out_dir(out_dir)
 
@@ -585,7 +585,7 @@ def _write_dataset(tmp: Path, cfg: PrepareConfig, inputs: _Inputs, tok: Tokenize
     if val.docs == 0:
         raise UserError(
             f"The corpus has only {train.docs} document(s), so it cannot be split into train and val by "
-            "document. Fix: use --line-docs (one document per line), give a separate --val-inputs file, "
+            "document. Fix: use --line-docs (one document per line), give separate validation files (prepare --val, train --val-data), "
             "or split the text into several files."
         )
     if stats.skipped_files:

@@ -1,0 +1,79 @@
+"""`gptrain plot`: training curves of one or several runs side by side, as a PNG (matplotlib, the `plot` extra).
+
+Four panels, one curve per run in each, the same colour for a run everywhere: train loss, val loss,
+learning rate and throughput (global tokens/s), against the optimizer step or tokens seen. The
+curves come from metrics.jsonl through `read_history`, so a resumed run is one line (later segment wins).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from gptrain.errors import UserError
+from gptrain.tracking.jsonl import read_history
+
+PANELS = [("train/loss", "train loss"), ("val/loss", "val loss"), ("lr", "learning rate"),
+          ("global_tokens_per_sec", "throughput (tokens/s)")]
+
+
+def _series(history: list[dict[str, Any]], key: str, x: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for row in history:
+        value = row.get(key)
+        if not isinstance(value, (int, float)):
+            continue
+        xv = row["step"] if x == "steps" else row.get("train/tokens_seen")
+        if xv is None:
+            continue
+        xs.append(xv)
+        ys.append(float(value))
+    return xs, ys
+
+
+def plot_runs(run_dirs: list[str | Path], out: str | Path, x: str = "steps") -> dict[str, int]:
+    """Write the figure to `out`; returns the number of curves drawn per panel (one per run with data)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only: no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("gptrain plot needs matplotlib. Install it with: pip install 'gptrain[plot]'") from None
+    if x not in ("steps", "tokens"):
+        raise UserError(f"--x must be steps or tokens, got {x!r}.")
+    runs = []
+    for d in run_dirs:
+        d = Path(d)
+        if not (d / "metrics.jsonl").is_file():
+            raise UserError(f"{d} is not a run folder with metrics (no metrics.jsonl). Pass run folders such as "
+                            "runs/<name>; `gptrain runs` lists them.")
+        runs.append((d.name, read_history(d)))
+    if not any(h for _, h in runs):
+        raise UserError("none of the runs has logged metrics yet; plot again after their first log step.")
+
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8), constrained_layout=True)
+    counts: dict[str, int] = {}
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (key, title) in zip(axes.flat, PANELS, strict=True):
+        n = 0
+        for i, (name, history) in enumerate(runs):
+            xs, ys = _series(history, key, x)
+            if not xs:
+                continue
+            style = {"marker": "o", "markersize": 3} if key == "val/loss" else {}
+            ax.plot(xs, ys, label=name, color=colors[i % len(colors)], linewidth=1.4, **style)
+            n += 1
+        counts[key] = n
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step" if x == "steps" else "tokens seen")
+        ax.grid(alpha=0.3)
+        if key == "lr":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        if n:
+            ax.legend(fontsize="small")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return counts

@@ -1,0 +1,131 @@
+"""torch.profiler on a schedule, NVTX ranges and CUDA memory snapshots, for the training loop.
+
+- `--use-profiler`: steps are traced on a wait / warmup / active / repeat schedule; each rank writes
+  its Chrome-trace files (`rank<R>.<time>.pt.trace.json`) into runs/<name>/profile/ — open them in
+  https://ui.perfetto.dev or TensorBoard's profiler plugin. At the end the console shows where the
+  time of a profiled step went (data, forward, backward, optimizer, checkpoint, top operators).
+- `--nvtx`: the same named ranges as NVTX ranges, for `nsys profile` (Nsight Systems); CUDA only.
+- `--memory-snapshot` (CUDA): allocations are recorded from the start; after the first profiling
+  cycle (or at the end) each rank writes memory_snapshot_rank<R>.pickle for https://pytorch.org/memory_viz.
+
+With everything off, `range()` is a null context and `step()` does nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+RANGES = ("data", "forward", "backward", "optimizer", "checkpoint")
+
+
+class Profiler:
+    def __init__(self, cfg, out_dir: Path, rank: int, device: torch.device, warn=print):
+        self.cfg = cfg
+        self.out_dir = out_dir
+        self.rank = rank
+        self.device = device
+        self.nvtx = cfg.nvtx and device.type == "cuda"
+        self.prof: torch.profiler.profile | None = None
+        self.snapshot = cfg.memory_snapshot and device.type == "cuda"
+        self.snapshot_path: Path | None = None
+        self.steps = 0
+        self.recorded_steps = 0
+        if cfg.nvtx and device.type != "cuda":
+            warn("--nvtx needs a CUDA device (NVTX ranges are for Nsight Systems); ignored on " + device.type + ".")
+        if cfg.memory_snapshot and device.type != "cuda":
+            warn("--memory-snapshot needs a CUDA device (it records the CUDA caching allocator); ignored.")
+
+    @property
+    def cycle_steps(self) -> int:
+        return self.cfg.wait + self.cfg.warmup + self.cfg.active
+
+    def __enter__(self) -> Profiler:
+        if self.cfg.enabled or self.snapshot:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.snapshot:
+            torch.cuda.memory._record_memory_history(max_entries=200_000)
+        if self.cfg.enabled:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.prof = torch.profiler.profile(
+                activities=activities,
+                schedule=torch.profiler.schedule(wait=self.cfg.wait, warmup=self.cfg.warmup, active=self.cfg.active,
+                                                 repeat=self.cfg.repeat),
+                on_trace_ready=self._on_trace,
+                record_shapes=True,
+                with_stack=False,
+            )
+            self.prof.__enter__()
+        return self
+
+    def _on_trace(self, prof) -> None:
+        handler = torch.profiler.tensorboard_trace_handler(str(self.out_dir), worker_name=f"rank{self.rank}")
+        handler(prof)
+        self.recorded_steps += self.cfg.active
+
+    def range(self, name: str):
+        """A named range: in the profiler's trace (as gptrain/<name>) and, with --nvtx, in Nsight Systems."""
+        if self.prof is None and not self.nvtx:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        if self.prof is not None:
+            stack.enter_context(torch.profiler.record_function(f"gptrain/{name}"))
+        if self.nvtx:
+            stack.enter_context(torch.cuda.nvtx.range(name))
+        return stack
+
+    def step(self) -> None:
+        """Call once per optimizer step."""
+        self.steps += 1
+        if self.prof is not None:
+            self.prof.step()
+        if self.snapshot and self.snapshot_path is None and self.steps >= self.cycle_steps:
+            self._dump_snapshot()
+
+    def _dump_snapshot(self) -> None:
+        self.snapshot_path = self.out_dir / f"memory_snapshot_rank{self.rank}.pickle"
+        torch.cuda.memory._dump_snapshot(str(self.snapshot_path))
+        torch.cuda.memory._record_memory_history(enabled=None)
+
+    def __exit__(self, *exc) -> None:
+        if self.prof is not None:
+            self.prof.__exit__(*exc)
+        if self.snapshot and self.snapshot_path is None:
+            self._dump_snapshot()
+
+    def summary(self) -> str | None:
+        """Where the time of a profiled step went, from the recorded steps (None if none was recorded)."""
+        if self.prof is None or self.recorded_steps == 0:
+            return None
+        try:
+            events = self.prof.key_averages()
+        except (AssertionError, RuntimeError):  # no finished cycle
+            return None
+        cuda = self.device.type == "cuda"
+        steps = max(1, self.recorded_steps)
+
+        def total_ms(e) -> float:
+            t = getattr(e, "device_time_total", 0.0) if cuda else 0.0
+            return (t or e.cpu_time_total) / 1000.0
+
+        parts = {e.key.split("/", 1)[1]: total_ms(e) / steps for e in events if e.key.startswith("gptrain/")}
+        if not parts:
+            return None
+        step_ms = sum(v for k, v in parts.items() if k != "checkpoint")
+        lines = [f"profile (rank {self.rank}, {self.recorded_steps} recorded steps, per step, "
+                 f"{'CUDA' if cuda else 'CPU'} time): traces in {self.out_dir}"]
+        for name in RANGES:
+            if name in parts:
+                share = f" ({100 * parts[name] / step_ms:.0f}%)" if step_ms and name != "checkpoint" else ""
+                lines.append(f"  {name:<10} {parts[name]:9.2f} ms{share}")
+        ops = [e for e in events if not e.key.startswith(("gptrain/", "ProfilerStep", "## "))]
+        key = (lambda e: getattr(e, "self_device_time_total", 0.0)) if cuda else (lambda e: e.self_cpu_time_total)
+        top = sorted(ops, key=key, reverse=True)[:5]
+        if top:
+            lines.append("  top operators by self time: " + ", ".join(
+                f"{e.key} {key(e) / 1000.0 / steps:.2f} ms" for e in top))
+        return "\n".join(lines)

@@ -1,0 +1,103 @@
+"""`gptrain bench` and MFU: the harness runs the real loop and reports consistent figures (never timings)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import fast_overrides
+
+from gptrain import metrics
+from gptrain.bench import format_table, write_synthetic_dataset
+from gptrain.cli import main
+from gptrain.data.prepare import read_meta
+from gptrain.model import GPT, PRESETS, ModelConfig, flops_per_token
+
+
+def test_gpt2_flops_per_token_follows_the_documented_formula():
+    cfg = ModelConfig(vocab_size=50257, **PRESETS["gpt2"])
+    with torch.device("meta"):
+        model = GPT(cfg)
+    assert cfg.padded_vocab_size == 50304
+    n = model.num_parameters() - model.pos_emb.weight.numel()  # tied embedding counted once
+    assert n == 124_475_904 - 1024 * 768
+    assert flops_per_token(cfg, 1024, n) == 6 * n + 12 * 12 * 768 * 1024 == 855_383_040
+
+
+def test_cpu_peak_is_measured_and_an_unknown_gpu_has_none(monkeypatch):
+    peak, source = metrics.peak_flops_for(torch.device("cpu"), "fp32")
+    assert peak > 1e8 and source.startswith("measured: fp32")
+    assert metrics.peak_flops_for(torch.device("cpu"), "fp32")[0] == peak  # cached: one measurement per process
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert metrics.peak_flops_for(torch.device("cuda"), "bf16") == (989e12, "spec: NVIDIA H100 80GB HBM3 bf16 dense")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
+    peak, source = metrics.peak_flops_for(torch.device("cuda"), "bf16")
+    assert peak is None and source.startswith("unknown")
+
+
+def test_synthetic_dataset_is_a_valid_dataset_over_the_whole_vocabulary(tmp_path):
+    d = write_synthetic_dataset(tmp_path / "d", vocab_size=70_000, seq_len=8, sequences=20)
+    meta = read_meta(d)
+    import numpy as np
+
+    tokens = np.fromfile(d / "train.bin", dtype=meta["dtype"])
+    assert meta["dtype"] == "uint32" and len(tokens) == 20 * 8 + 1 and tokens.max() >= 65_536
+
+
+def test_train_records_mfu_formula_and_measured_cpu_peak(byte_dataset, tmp_path):
+    from gptrain.config import build_config
+    from gptrain.trainer import train
+
+    cfg, explicit = build_config(fast_overrides(byte_dataset, tmp_path, **{"train.num_steps": 4}))
+    result = train(cfg, explicit)
+    env = json.loads((result.run_dir / "environment.json").read_text())
+    mfu = env["mfu"]
+    assert mfu["formula"] == metrics.MFU_FORMULA and mfu["peak_flops"] > 0
+    assert mfu["peak_flops_source"].startswith("measured") and mfu["flops_per_token"] == env["flops_per_token"]
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "global_tokens_per_sec" in r]
+    for r in train_rows:
+        expect = env["flops_per_token"] * r["global_tokens_per_sec"] / mfu["peak_flops"]
+        assert r["perf/mfu"] == pytest.approx(expect, rel=1e-9)
+
+
+def test_bench_command_runs_the_training_loop_and_prints_a_table(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--named", "smoke", "--device", "cpu", "--windows", "2", "--window-steps", "1",
+                 "--matmul-size", "256", "--json", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "tokens/s" in printed and "MFU (measured)" in printed and "smoke" in printed
+    (r,) = json.loads(out.read_text())
+    assert r["windows"] == 2 and r["nproc"] == 1 and r["compile"] is False
+    assert r["model"]["d_model"] == 64 and r["tokens_per_step"] == 4 * 64
+    assert r["tokens_per_sec"] > 0 and r["step_time"] > 0 and r["matmul_flops"] > 0
+    assert r["flops_per_token"] == pytest.approx(6 * (r["n_params"] - 64 * 64) + 12 * 2 * 64 * 64)
+    assert r["mfu_measured"] == pytest.approx(sorted(r["mfu_measured_windows"])[0], rel=1) and r["mfu_spec"] is None
+    assert r["memory"]["mem/rss_peak_gb"] > 0
+
+
+def test_bench_rejects_unknown_variants_and_bad_window_counts(capsys):
+    assert main(["bench", "--named", "smoke", "--variants", "turbo"]) == 2
+    assert "unknown variant 'turbo'" in capsys.readouterr().err
+    assert main(["bench", "--named", "smoke", "--device", "cpu", "--windows", "0"]) == 2
+    assert "--windows must be" in capsys.readouterr().err
+
+
+def _fake(nproc: int, tps: float) -> dict:
+    return {"name": "cpu-small", "compile": False, "ac": "none", "nproc": nproc, "threads": 1, "tokens_per_sec": tps,
+            "tokens_per_sec_min": tps, "tokens_per_sec_max": tps, "step_time": 1.0, "model_flops_per_sec": 1e9,
+            "matmul_flops": 2e9, "mfu_measured": 0.5, "mfu_spec": None, "device": "cpu", "memory": {}}
+
+
+def test_scaling_efficiency_is_tokens_per_sec_over_n_times_one_process():
+    table = format_table([_fake(1, 1000.0), _fake(2, 1800.0)])
+    assert "scaling 1→2 processes: 1.80× tokens/s, efficiency 90%" in table
+    assert "| cpu-small | eager | 2 |" in format_table([_fake(1, 1000.0), _fake(2, 1800.0)], markdown=True)
+
+
+def test_measuring_the_peak_leaves_the_global_rng_alone():
+    state = torch.get_rng_state()
+    metrics.measure_matmul_flops(torch.device("cpu"), "fp32", size=64)
+    assert torch.equal(torch.get_rng_state(), state)

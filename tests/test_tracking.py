@@ -1,0 +1,245 @@
+"""Experiment tracking: W&B offline (read back with wandb's own CLI), TensorBoard, resume, failures.
+
+No test needs a network or a W&B account: W&B runs offline, and the online failures point at an
+account-less setup or a closed loopback port.
+"""
+
+import json
+import math
+import time
+
+import pytest
+from conftest import fast_overrides
+
+import gptrain.trainer as trainer_mod
+from gptrain.config import build_config
+from gptrain.sync import composed_history, inspect_segment, sync_run, wandb_cli, wandb_segments
+from gptrain.tracking import LossWatch, read_history, read_metrics
+from gptrain.trainer import train
+
+pytest.importorskip("wandb")
+
+KEYS = ["train/loss", "train/grad_norm", "lr", "train/tokens_seen", "train/epoch", "tokens_per_sec_per_rank",
+        "global_tokens_per_sec", "perf/step_time", "perf/data_time", "perf/fwd_bwd_time", "perf/optim_time",
+        "amp", "val/loss", "val/ppl"]
+
+
+def run(dataset, runs, **extra):
+    cfg, explicit = build_config(fast_overrides(dataset, runs, **extra))
+    return train(cfg, explicit)
+
+
+def crash_at(monkeypatch, crash_step):
+    """Make the step `crash_step` + 1 raise, as a bug or a lost device would, after step `crash_step` was logged."""
+    real = trainer_mod.lr_at
+
+    def lr_at(step, *args, **kwargs):
+        if step == crash_step:
+            raise RuntimeError("simulated crash")
+        return real(step, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "lr_at", lr_at)
+
+
+def tb_scalars(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_offline_wandb_and_tensorboard_hold_what_metrics_jsonl_holds(byte_dataset, tmp_path):
+    res = run(byte_dataset, tmp_path, **{"train.run_name": "w", "tracking.trackers": ["wandb,tensorboard"],
+                                         "tracking.wandb_mode": "offline", "tracking.wandb_tags": ["a,b"]})
+    assert res.status == "finished"
+    history = read_history(res.run_dir)
+    assert [r["step"] for r in history] == [2, 4, 6, 8, 10, 12]
+    (segment,) = wandb_segments(res.run_dir)
+    assert segment.dir.parent == res.run_dir / "wandb"  # the W&B files live inside the run folder
+
+    # History, read back with the official CLI: every logged key, same values, same steps.
+    wb = {r["_step"]: r for r in inspect_segment(segment.dir)["history"]}
+    assert sorted(wb) == [2, 4, 6, 8, 10, 12]
+    for row in history:
+        for key in KEYS:
+            if key in row:
+                assert wb[row["step"]][key] == pytest.approx(row[key], rel=1e-9), (key, row["step"])
+    assert any(k.startswith("mem/") for k in wb[12])
+
+    # Summary and config, with the official CLI's --summary mode.
+    proc = wandb_cli("leet", "inspect", "--summary", "--json", str(segment.dir), timeout=60)
+    summary = json.loads(proc.stdout)
+    run_json = json.loads((res.run_dir / "run.json").read_text())
+    assert summary["run_id"] == run_json["run_id"] and summary["state"] == "finished"
+    assert summary["summary"]["train/loss"] == pytest.approx(history[-1]["train/loss"], rel=1e-9)
+    assert summary["summary"]["_step"] == 12
+    assert sorted(summary["tags"]) == ["a", "b"]
+    config = summary["config"]
+    assert config["model"]["d_model"] == 32 and config["train"]["log_every"] == 2
+    env = json.loads((res.run_dir / "environment.json").read_text())
+    for key in ("gptrain_version", "torch", "python", "world_size", "n_params", "tokens_per_step",
+                "dataset_fingerprint", "tokenizer"):
+        assert config["environment"][key] == env[key], key
+
+    # Text samples: 3 prompts at each of the 2 evaluations, in metrics.jsonl and as a W&B table.
+    samples = [r for r in read_metrics(res.run_dir) if r.get("event") == "sample"]
+    assert [(s["step"], s["prompt"]) for s in samples] == [(s, p) for s in (6, 12) for p in ("def ", "class ", "import ")]
+    assert wb[6]["samples._type"] == "table-file" and [wb[6]["samples.nrows"], wb[12]["samples.nrows"]] == [3, 6]
+
+    # TensorBoard: the same scalars at the same steps.
+    tb = tb_scalars(res.run_dir)
+    for key in ("train/loss", "lr", "global_tokens_per_sec", "val/loss"):
+        expected = [(r["step"], r[key]) for r in history if key in r]
+        assert [s for s, _ in tb[key]] == [s for s, _ in expected]
+        assert [v for _, v in tb[key]] == pytest.approx([v for _, v in expected], rel=1e-6)
+
+
+def test_resumed_crash_continues_the_same_wandb_run_with_each_step_once(byte_dataset, tmp_path, monkeypatch):
+    common = {"train.run_name": "r", "train.save_every": 6, "tracking.trackers": ["wandb", "tensorboard"],
+              "tracking.wandb_mode": "offline", "tracking.sample_every": 0}
+    crash_at(monkeypatch, 10)  # steps 2..10 logged, last checkpoint at 6
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(byte_dataset, tmp_path, **common)
+    run_dir = tmp_path / "r"
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "crashed"
+    monkeypatch.undo()
+    res = run(byte_dataset, tmp_path, **{**common, "train.resume": "latest"})
+    assert res.status == "finished" and res.final_step == 12
+
+    # metrics.jsonl: steps 8 and 10 were written twice; readers see one value per step, the later one.
+    raw_steps = [r["step"] for r in read_metrics(run_dir) if "train/loss" in r]
+    assert raw_steps == [2, 4, 6, 8, 10, 8, 10, 12]
+    history = read_history(run_dir)
+    assert [r["step"] for r in history] == [2, 4, 6, 8, 10, 12]
+    later = [r for r in read_metrics(run_dir) if "train/loss" in r][-3:]
+    assert [h["train/loss"] for h in history[3:]] == [r["train/loss"] for r in later]
+
+    # W&B: two segments of one run; the second rewinds to the checkpoint's step and goes on from there.
+    segs = wandb_segments(run_dir)
+    assert len(segs) == 2
+    first, second = (inspect_segment(s.dir) for s in segs)
+    run_id = json.loads((run_dir / "run.json").read_text())["run_id"]
+    assert first["run_id"] == second["run_id"] == run_id
+    assert first["exit_code"] == 1 and second["exit_code"] == 0
+    assert [r["_step"] for r in first["history"]] == [2, 4, 6, 8, 10]
+    assert second["branch_step"] == 6 and [r["_step"] for r in second["history"]] == [8, 10, 12]
+    merged = composed_history(run_dir)
+    assert [r["_step"] for r in merged] == [2, 4, 6, 8, 10, 12]  # none lost, none twice
+    for wb_row, row in zip(merged, history, strict=True):
+        assert wb_row["train/loss"] == pytest.approx(row["train/loss"], rel=1e-9)
+        if "val/loss" in row:
+            assert wb_row["val/loss"] == pytest.approx(row["val/loss"], rel=1e-9)
+
+    # TensorBoard purges the crashed segment's steps after the checkpoint the same way.
+    tb = tb_scalars(run_dir)
+    assert [s for s, _ in tb["train/loss"]] == [2, 4, 6, 8, 10, 12]
+    assert [v for _, v in tb["train/loss"]] == pytest.approx([r["train/loss"] for r in history], rel=1e-6)
+
+    # `gptrain sync` would upload the two segments in this order.
+    lines = []
+    todo = sync_run(run_dir, dry_run=True, say=lines.append)
+    assert [s.dir for s in todo] == [s.dir for s in segs] and len(lines) == 2
+
+
+def test_clean_resume_reattaches_without_rewind(byte_dataset, tmp_path):
+    common = {"train.run_name": "c", "tracking.use_wandb": True, "tracking.wandb_mode": "offline",
+              "tracking.sample_every": 0}
+    run(byte_dataset, tmp_path, **{**common, "train.num_steps": 6})
+    run(byte_dataset, tmp_path, **{**common, "train.num_steps": 12, "train.resume": "latest"})
+    first, second = (inspect_segment(s.dir) for s in wandb_segments(tmp_path / "c"))
+    assert second["branch_step"] is None and first["run_id"] == second["run_id"]
+    assert [r["_step"] for r in composed_history(tmp_path / "c")] == [2, 4, 6, 8, 10, 12]
+
+
+@pytest.mark.parametrize("case", ["no-api-key", "unreachable-server"])
+def test_failed_online_start_falls_back_to_offline_with_one_warning(byte_dataset, tmp_path, monkeypatch, case):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc credentials
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    if case == "unreachable-server":
+        monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+        monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # closed loopback port
+    start = time.monotonic()
+    res = run(byte_dataset, tmp_path, **{"train.run_name": "f", "tracking.use_wandb": True,
+                                         "tracking.wandb_mode": "online", "tracking.wandb_init_timeout": 3.0,
+                                         "tracking.sample_every": 0})
+    elapsed = time.monotonic() - start
+    assert res.status == "finished" and elapsed < 45
+    log = (res.run_dir / "train.log").read_text()
+    assert log.count("warning:") == 1 and "W&B could not start online" in log
+    assert [r["step"] for r in read_history(res.run_dir)] == [2, 4, 6, 8, 10, 12]
+    record = json.loads((res.run_dir / "tracking.json").read_text())["wandb"]
+    assert record["mode"] == "offline" and record["segments"][0]["status"] == "finished"
+    assert len(inspect_segment(wandb_segments(res.run_dir)[0].dir)["history"]) == 6
+
+
+def test_wandb_that_cannot_start_at_all_is_switched_off(byte_dataset, tmp_path, monkeypatch):
+    import wandb
+
+    def broken_init(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(wandb, "init", broken_init)
+    res = run(byte_dataset, tmp_path, **{"train.run_name": "d", "tracking.use_wandb": True,
+                                         "tracking.wandb_mode": "offline", "tracking.sample_every": 0})
+    assert res.status == "finished"
+    log = (res.run_dir / "train.log").read_text()
+    assert log.count("warning:") == 1 and "wandb could not start and is off" in log and "disk full" in log
+    assert len(read_history(res.run_dir)) == 6
+
+
+def test_tracker_failing_mid_run_is_dropped_and_training_goes_on(byte_dataset, tmp_path, monkeypatch):
+    from gptrain.tracking.tensorboard_tracker import TensorBoardTracker
+
+    real = TensorBoardTracker.log
+
+    def flaky(self, metrics, step):
+        if step >= 6:
+            raise ConnectionError("gone")
+        real(self, metrics, step)
+
+    monkeypatch.setattr(TensorBoardTracker, "log", flaky)
+    res = run(byte_dataset, tmp_path, **{"train.run_name": "m", "tracking.trackers": ["tensorboard"]})
+    assert res.status == "finished"
+    log = (res.run_dir / "train.log").read_text()
+    assert log.count("tracker 'tensorboard' failed") == 1
+    assert [r["step"] for r in read_history(res.run_dir)] == [2, 4, 6, 8, 10, 12]
+    assert [s for s, _ in tb_scalars(res.run_dir)["train/loss"]] == [2, 4]
+
+
+def test_loss_watch_alerts_on_non_finite_and_spikes_rate_limited():
+    now = [0.0]
+    watch = LossWatch(spike_factor=2.0, interval=600, warmup=3, clock=lambda: now[0])
+    assert [watch.check(v, s) for s, v in enumerate([4.0, 3.8, 3.6, 3.5])] == [[], [], [], []]
+    spike = watch.check(9.0, 5)
+    assert [a[0] for a in spike] == ["loss spike"] and "9.0000 at step 5" in spike[0][1]
+    assert watch.check(9.5, 6) == []  # rate-limited
+    nan = watch.check(math.nan, 7)
+    assert [(a[0], a[2]) for a in nan] == [("non-finite loss", "ERROR")]
+    now[0] = 601.0
+    assert [a[0] for a in watch.check(10.0, 8)] == ["loss spike"]
+    assert 3.5 < watch.average < 3.9  # spikes do not drag the running average up
+
+
+def test_non_finite_loss_raises_one_alert_in_metrics_jsonl(byte_dataset, tmp_path):
+    res = run(byte_dataset, tmp_path, **{"train.run_name": "n", "optim.lr": 1e6, "optim.grad_clip": 0.0,
+                                         "tracking.sample_every": 0, "train.sample_tokens": 0})
+    alerts = [r for r in read_metrics(res.run_dir) if r.get("event") == "alert"]
+    losses = [r["train/loss"] for r in read_history(res.run_dir) if "train/loss" in r]
+    assert any(not math.isfinite(v) for v in losses)
+    assert len([a for a in alerts if a["title"] == "non-finite loss"]) == 1
+    assert (res.run_dir / "train.log").read_text().count("non-finite train loss") == 1
+
+
+def test_checkpoint_reference_artifact(byte_dataset, tmp_path):
+    res = run(byte_dataset, tmp_path, **{"train.run_name": "k", "tracking.use_wandb": True,
+                                         "tracking.wandb_mode": "offline", "tracking.wandb_log_checkpoints": "reference",
+                                         "tracking.sample_every": 0})
+    ckpts = [r for r in read_metrics(res.run_dir) if r.get("event") == "checkpoint"]
+    assert [c["step"] for c in ckpts] == [12]
+    (segment,) = wandb_segments(res.run_dir)
+    proc = wandb_cli("leet", "inspect", "--json", str(segment.dir), timeout=60)
+    artifacts = [json.loads(line)["artifact"] for line in proc.stdout.splitlines() if '"type":"artifact"' in line]
+    assert len(artifacts) == 1 and artifacts[0]["type"] == "model"
+    meta = json.loads(artifacts[0]["metadata"])
+    assert meta["step"] == 12 and meta["path"] == str((res.run_dir / "checkpoints" / "step_0000012").resolve())
