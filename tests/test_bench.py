@@ -88,7 +88,7 @@ def test_bench_rejects_unknown_variants_and_bad_window_counts(capsys):
 def _fake(nproc: int, tps: float) -> dict:
     return {"name": "cpu-small", "compile": False, "ac": "none", "nproc": nproc, "threads": 1, "tokens_per_sec": tps,
             "tokens_per_sec_min": tps, "tokens_per_sec_max": tps, "step_time": 1.0, "model_flops_per_sec": 1e9,
-            "matmul_flops": 2e9, "mfu_measured": 0.5, "mfu_spec": None, "device": "cpu", "memory": {}}
+            "matmul_flops": 2e9, "mfu_measured": 0.5, "mfu_best": 0.6, "mfu_spec": None, "device": "cpu", "memory": {}}
 
 
 def test_scaling_efficiency_is_tokens_per_sec_over_n_times_one_process():
