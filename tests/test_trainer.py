@@ -92,8 +92,11 @@ def test_resume_from_corrupt_checkpoint_is_an_error(byte_dataset, tmp_path):
     res = run(byte_dataset, tmp_path, **{"train.run_name": "c", "train.num_steps": 2})
     model_file = C.latest_checkpoint(res.run_dir / "checkpoints").path / "model.pt"
     model_file.write_bytes(model_file.read_bytes()[:100])
+    before = {name: (res.run_dir / name).read_bytes() for name in ("config.json", "run.json", "metrics.jsonl")}
     with pytest.raises(UserError, match="corrupt or truncated"):
         run(byte_dataset, tmp_path, **{"train.run_name": "c", "train.resume": "latest", "train.num_steps": 4})
+    # nothing on disk changed: the run still reads as finished at step 2
+    assert {name: (res.run_dir / name).read_bytes() for name in before} == before
 
 
 def test_kill_during_save_leaves_previous_checkpoint_usable(byte_dataset, tmp_path, monkeypatch):

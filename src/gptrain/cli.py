@@ -38,10 +38,12 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
                 group.add_argument(opt.negate, action="store_const", const=False, dest=kwargs["dest"],
                                    default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         elif typing.get_origin(t) is list or list in typing.get_args(t):
-            group.add_argument(*opt.flags, nargs="+", metavar="PATH", **kwargs)
+            group.add_argument(*opt.flags, nargs="+", metavar=opt.path.split(".", 1)[1].upper(), **kwargs)
         else:
             if opt.choices:
                 kwargs["choices"] = opt.choices
+            else:
+                kwargs["metavar"] = opt.path.split(".", 1)[1].upper()
             group.add_argument(*opt.flags, **kwargs)
 
 

@@ -124,8 +124,12 @@ class Trainer:
         self.console = console or RunConsole(cfg.train.progress, enabled=self.dist.is_main)
         self.precision = resolve_precision(cfg.train.precision, self.device, self.console)
         self._setup_data()
-        self._setup_run_folder()
+        self._plan_run_folder()
         self._setup_model()
+        # Load the checkpoint before the run folder is touched: a corrupt checkpoint or a shape
+        # mismatch ends here, with the run's files exactly as they were.
+        self.start_step, self.start_tokens = self._restore() if self.resume_from else (0, 0)
+        self._create_run_folder()
 
     # ------------------------------------------------------------------ setup
     def _find_resume_checkpoint(self, resume: str) -> ckpt_lib.Checkpoint:
@@ -221,7 +225,8 @@ class Trainer:
             raise UserError(value)
         return Path(value)
 
-    def _setup_run_folder(self) -> None:
+    def _plan_run_folder(self) -> None:
+        """Name the run and its folders (nothing is written yet)."""
         t = self.cfg.train
         if self.resume_from is not None:
             info = self.resume_from.info
@@ -238,6 +243,9 @@ class Trainer:
             run_dir = Path(t.runs_dir) / t.run_name
         self.run_dir = run_dir
         self.checkpoint_dir = Path(t.checkpoint_dir) if t.checkpoint_dir else run_dir / "checkpoints"
+
+    def _create_run_folder(self) -> None:
+        t, run_dir = self.cfg.train, self.run_dir
         if self.dist.is_main:
             make_run_dir(run_dir.parent, run_dir.name, must_be_new=self.resume_from is None)
             self.console.attach_log(run_dir / "train.log")
@@ -285,7 +293,7 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def fit(self) -> RunResult:
         cfg, t, console = self.cfg, self.cfg.train, self.console
-        start_step, tokens_seen = self._restore() if self.resume_from else (0, 0)
+        start_step, tokens_seen = self.start_step, self.start_tokens
         self._print_header(start_step)
         if self.dist.is_main:
             write_json_atomic(self.run_dir / "environment.json", self._environment())
