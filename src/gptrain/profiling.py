@@ -17,6 +17,7 @@ import contextlib
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 
 RANGES = ("data", "forward", "backward", "optimizer", "checkpoint")
 
@@ -115,6 +116,15 @@ class Profiler:
         parts = {e.key.split("/", 1)[1]: total_ms(e) / steps for e in events if e.key.startswith("gptrain/")}
         if not parts:
             return None
+        if cuda and "backward" in parts:
+            # Backward kernels are launched by autograd's own device thread, outside the main thread's
+            # "backward" range, so that range holds almost no CUDA time. Backward is what remains of the
+            # step's kernel time once the ranges launched from the main thread are taken out.
+            # Kernel and memcpy events only (CPU ops also carry their kernels' device time: no double count).
+            kernels = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA
+                          and not e.key.startswith(("gptrain/", "ProfilerStep", "## "))) / 1000.0 / steps
+            launched_here = sum(v for k, v in parts.items() if k not in ("backward", "checkpoint"))
+            parts["backward"] = max(0.0, kernels - launched_here)
         step_ms = sum(v for k, v in parts.items() if k != "checkpoint")
         lines = [f"profile (rank {self.rank}, {self.recorded_steps} recorded steps, per step, "
                  f"{'CUDA' if cuda else 'CPU'} time): traces in {self.out_dir}"]
