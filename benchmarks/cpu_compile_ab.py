@@ -3,9 +3,9 @@
     OMP_NUM_THREADS=1 python benchmarks/cpu_compile_ab.py eager,whole,block [ROUNDS]
 
 Builds each variant from the same initialisation (6 layers, d_model 384, 6 heads, context 256,
-batch 16, vocab 8192, fp32, foreach AdamW, clipping), warms it up, then runs one training step of
-each in turn (alternating the order) for ROUNDS rounds, with a 4096² fp32 matrix product every third
-round. Prints each variant's fastest step, its MFU against the fastest matrix product, and the
+batch 16, vocab 8192, fp32, the trainer's AdamW (fused on CPU), clipping, the trainer's host-memory
+settings), warms it up, then runs one training step of each in turn (alternating the order) for
+ROUNDS rounds, with a 4096² fp32 matrix product every third round. Prints each variant's fastest step, its MFU against the fastest matrix product, and the
 median per-round step-time ratio to the first variant. Variants: eager, whole (torch.compile of the
 whole model, what --compile does in one process), block (each block compiled, what it does under
 DDP/FSDP).
@@ -20,8 +20,11 @@ import time
 
 import torch
 
+from gptrain.config import OptimConfig
+from gptrain.host_memory import reuse_freed_memory
 from gptrain.metrics import measure_matmul_flops
 from gptrain.model import GPT, ModelConfig, flops_per_token
+from gptrain.optim import build_optimizer
 
 CFG = ModelConfig(vocab_size=8192, max_position_embeddings=256, n_layers=6, n_heads=6, d_model=384)
 
@@ -29,7 +32,7 @@ CFG = ModelConfig(vocab_size=8192, max_position_embeddings=256, n_layers=6, n_he
 def make_step(kind: str, x: torch.Tensor, y: torch.Tensor):
     torch.manual_seed(0)
     model = GPT(CFG)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+    opt = build_optimizer(model, OptimConfig(lr=1e-3), torch.device("cpu"))
     fwd = model
     if kind == "block":
         for block in model.blocks.values():
@@ -49,6 +52,7 @@ def make_step(kind: str, x: torch.Tensor, y: torch.Tensor):
 
 
 def main() -> None:
+    print(reuse_freed_memory())  # as `gptrain train` does on CPU
     kinds = sys.argv[1].split(",") if len(sys.argv) > 1 else ["eager", "whole", "block"]
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 10
     batch = torch.randint(0, CFG.vocab_size, (16, 257), generator=torch.Generator().manual_seed(0))

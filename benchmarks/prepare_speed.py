@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,29 +54,46 @@ def bench_spec(spec: str, work: Path, rounds: int) -> dict:
     n_bytes = sum(len(p.text.encode()) for p in pieces)
     raw = getattr(tok, "hf", None)
     encode = (lambda b: raw.encode_batch_fast(b, add_special_tokens=False)) if raw is not None else tok.encode_batch
-    # Alternate raw and pipeline runs and keep the best of each: this VM's speed drifts by 30%.
+    # Alternate raw and pipeline runs (and their order), and compare each pair: this VM's speed drifts by
+    # 30% within a minute, so the ratio of two adjacent runs is steadier than a ratio of two best times.
     tok_file = out / "tokenizer.json"
     again = f"hf:{tok_file}" if tok_file.exists() else spec  # the same tokenizer, without retraining
-    raw_s = prep_s = float("inf")
-    for _ in range(rounds):
+    raw_times: list[float] = []
+    prep_times: list[float] = []
+
+    def time_raw() -> None:
         t = time.perf_counter()
-        n_tokens = 0
         for b in batches:
-            n_tokens += sum(len(e) for e in encode(b))
-        raw_s = min(raw_s, time.perf_counter() - t)
+            for _ in encode(b):
+                pass
+        raw_times.append(time.perf_counter() - t)
+
+    def time_prepare() -> None:
         prepare_dataset(PrepareConfig(out_dir=str(work / "again"), tokenizer=again, force=True), progress=False,
                         log=quiet)
-        prep_s = min(prep_s, read_meta(work / "again")["encode_seconds"])
-    input_bytes = meta["inputs"]["bytes"]  # prepare's MB are input-file MB (incl. 4 skipped files)
+        prep_times.append(read_meta(work / "again")["encode_seconds"])
+
+    for r in range(rounds):
+        for run in (time_raw, time_prepare) if r % 2 == 0 else (time_prepare, time_raw):
+            run()
+    # Both encode the same text (prepare's input bytes also count the few unreadable files it skips).
+    ratios = [raw / prep for raw, prep in zip(raw_times, prep_times, strict=True)]
     return {
         "spec": spec,
         "bpe_train_s": train_s,
         "prepare_s": total_s,
-        "raw_MBps": n_bytes / 1e6 / raw_s,
-        "prepare_MBps": input_bytes / 1e6 / prep_s,
+        "raw_MBps": n_bytes / 1e6 / statistics.median(raw_times),
+        "prepare_MBps": n_bytes / 1e6 / statistics.median(prep_times),
+        "ratio_median": statistics.median(ratios),
+        "ratios": ratios,
+        "ratio_best": min(raw_times) / min(prep_times),
         "tokens": meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"],
-        "bytes_per_token": n_bytes / n_tokens,
+        "bytes_per_token": n_bytes / meta_tokens(meta),
     }
+
+
+def meta_tokens(meta: dict) -> int:
+    return meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"]
 
 
 def make_corpus(root: Path, mb: int) -> Path:
@@ -126,7 +144,7 @@ def rss_run(work: Path, mb: int, spec: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--specs", nargs="+", default=["bpe:8192"])
-    ap.add_argument("--rounds", type=int, default=2, help="raw/prepare timing rounds (best is kept)")
+    ap.add_argument("--rounds", type=int, default=5, help="raw/prepare timing rounds (pairs, order alternating)")
     ap.add_argument("--rss-mb", type=int, default=100, help="size of the RSS corpus (0 skips it)")
     ap.add_argument("--rss-spec", default="bpe:8192")
     args = ap.parse_args()
@@ -136,11 +154,12 @@ def main() -> None:
         rows = [bench_spec(s, work, args.rounds) for s in args.specs]
         print(f"\ndefault corpus ({len(sources.default_corpus_files())} files)")
         print(f"{'tokenizer':<10} {'bpe train s':>11} {'prepare s':>9} {'raw MB/s':>9} {'prep MB/s':>9} "
-              f"{'ratio':>6} {'tokens':>11} {'bytes/tok':>9}")
+              f"{'ratio':>6} {'best/best':>9} {'tokens':>11} {'bytes/tok':>9}")
         for r in rows:
             print(f"{r['spec']:<10} {r['bpe_train_s']:>11.1f} {r['prepare_s']:>9.1f} {r['raw_MBps']:>9.2f} "
-                  f"{r['prepare_MBps']:>9.2f} {r['prepare_MBps'] / r['raw_MBps']:>6.2f} {r['tokens']:>11,} "
+                  f"{r['prepare_MBps']:>9.2f} {r['ratio_median']:>6.2f} {r['ratio_best']:>9.2f} {r['tokens']:>11,} "
                   f"{r['bytes_per_token']:>9.2f}")
+            print(f"{'':<10} per-round ratios: {', '.join(f'{x:.2f}' for x in r['ratios'])}")
         if args.rss_mb:
             r = rss_run(work, args.rss_mb, args.rss_spec)
             print(f"\nmemory: {args.rss_spec} prepare of {r['corpus_MB']:.0f} MB: peak RSS {r['peak_rss_MB']:.0f} MB, "

@@ -25,10 +25,14 @@ def reference_loss(model: GPT, idx: torch.Tensor, targets: torch.Tensor) -> torc
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
-def train_losses(loss_fn, steps: int = 6) -> tuple[list[float], GPT]:
+def foreach_adamw(model: GPT) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1, foreach=True)
+
+
+def train_losses(loss_fn, steps: int = 6, make_optimizer=foreach_adamw) -> tuple[list[float], GPT]:
     torch.manual_seed(0)
     model = GPT(small())
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1, foreach=True)
+    opt = make_optimizer(model)
     batch = torch.randint(0, 100, (4, 17), generator=torch.Generator().manual_seed(1))
     losses = []
     for _ in range(steps):  # one batch, memorised: the curve must fall
@@ -88,3 +92,34 @@ def test_compiled_training_follows_the_eager_loss_curve(byte_dataset, tmp_path):
         curves[compile_] = [r["train/loss"] for r in rows if "train/loss" in r]
     assert len(curves[True]) == 4
     assert max(abs(a - b) for a, b in zip(curves[False], curves[True], strict=True)) < 1e-4, curves
+
+
+def test_fused_adamw_on_cpu_follows_the_foreach_curve():
+    """build_optimizer uses the fused AdamW kernel on CPU (one pass over all parameters); it must train
+    on the same curve as the multi-tensor foreach implementation, within fp32 rounding."""
+    from gptrain.config import OptimConfig
+    from gptrain.optim import build_optimizer
+
+    opt_cfg = OptimConfig(lr=3e-3, weight_decay=0.1)
+    built = build_optimizer(GPT(small()), opt_cfg, torch.device("cpu"))
+    assert built.defaults["fused"] is True
+
+    def foreach_twin(model: GPT) -> torch.optim.Optimizer:
+        """build_optimizer's groups and settings, through the foreach implementation."""
+        groups = [{"params": g["params"], "weight_decay": g["weight_decay"]}
+                  for g in build_optimizer(model, opt_cfg, torch.device("cpu")).param_groups]
+        return torch.optim.AdamW(groups, lr=opt_cfg.lr, betas=(opt_cfg.beta1, opt_cfg.beta2), eps=opt_cfg.eps,
+                                 foreach=True)
+
+    def model_loss(model, x, y):
+        return model(x, y)
+
+    fused, fused_model = train_losses(model_loss, 10, lambda m: build_optimizer(m, opt_cfg, torch.device("cpu")))
+    foreach, foreach_model = train_losses(model_loss, 10, foreach_twin)
+    assert fused[-1] < 0.8 * fused[0]  # it trains
+    assert max(abs(a - b) / b for a, b in zip(fused, foreach, strict=True)) < 1e-5, (fused, foreach)
+    for (name, a), b in zip(fused_model.named_parameters(), foreach_model.parameters(), strict=True):
+        # Weight matrices only: the key part of the qkv bias gets a mathematically zero gradient (softmax
+        # ignores a shift shared by all keys), so Adam's normalised update of it is rounding noise.
+        if a.dim() >= 2:
+            assert torch.allclose(a, b, atol=1e-6, rtol=1e-4), name

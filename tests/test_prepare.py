@@ -176,6 +176,35 @@ def test_max_tokens_caps_train_exactly(tmp_path):
     assert ids.size == 2000 and ids[-1] == 256
 
 
+def test_encoding_ahead_keeps_batch_order_when_batches_finish_out_of_order():
+    """Two batches are encoded at once; a slow first batch still comes out first, and each batch with its
+    own arrays."""
+    import time
+
+    from gptrain.data.prepare import _encode_ahead
+
+    class SlowFirst:
+        def encode_batch(self, texts):
+            if texts[0] == "0":
+                time.sleep(0.2)  # the second batch finishes first
+            return [np.array([int(t)], dtype=np.uint32) for t in texts]
+
+    batches = [[sources.Piece(str(i), True, 1)] for i in range(6)]
+    out = list(_encode_ahead(SlowFirst(), iter(batches)))
+    assert [b[0].text for b, _ in out] == [str(i) for i in range(6)]
+    assert [int(enc[0][0]) for _, enc in out] == list(range(6))
+
+
+def test_many_small_batches_give_the_tokens_of_one_serial_encode(tmp_path):
+    docs = unique_docs(120)
+    out, _ = prep(tmp_path, [write_txt_docs(tmp_path / "c", docs)], tokenizer="bpe:600", batch_bytes=1024,
+                  val_fraction=0.0, min_val_tokens=0)
+    tok = load_dataset_tokenizer(out)
+    expect = np.concatenate([np.append(tok.encode_batch([d])[0], tok.eot_id) for d in docs])
+    # Nothing hashed into val, so the top-up moved the last document there: train then val is the corpus.
+    assert np.array_equal(np.concatenate([read_split(out, "train"), read_split(out, "val")]), expect)
+
+
 # --------------------------------------------------------------------------- formats
 
 

@@ -62,6 +62,9 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     compile: bool = False
+    # CPU: make glibc reuse freed tensor memory instead of faulting in fresh pages every step
+    # (gptrain.host_memory; 3–18% of a step of the CPU reference configuration, for ~20% more peak RSS).
+    reuse_host_memory: bool = True
     eval_every: int = 100
     eval_tokens: int = 65536
     log_every: int = 10
@@ -232,6 +235,9 @@ OPTIONS: list[Option] = [
     Option("train.precision", ("--precision",), "auto (bf16 on capable GPUs, fp32 on CPU), fp32, bf16, fp16",
            choices=("auto", "fp32", "bf16", "fp16")),
     Option("train.compile", ("--compile",), "torch.compile the model"),
+    Option("train.reuse_host_memory", ("--reuse-host-memory",),
+           "CPU: keep freed tensor memory for reuse instead of faulting in new pages every step "
+           "(default on; --no-reuse-host-memory: glibc's defaults)", negate="--no-reuse-host-memory"),
     Option("train.eval_every", ("--eval-every", "--eval-steps"), "evaluate every N steps (and at the end)"),
     Option("train.eval_tokens", ("--eval-tokens",), "validation tokens per evaluation"),
     Option("train.log_every", ("--log-every",), "log every N steps"),

@@ -39,6 +39,7 @@ from gptrain.distributed.parallelize import full_value, gradient_sync, paralleli
 from gptrain.errors import PeerFailure, UserError
 from gptrain.evaluate import evaluate_loss
 from gptrain.generate import NonFiniteLogits, generate
+from gptrain.host_memory import host_allocator, reuse_freed_memory
 from gptrain.metrics import MFU_FORMULA, LossAccumulator, StepTimer, memory_metrics, peak_flops_for
 from gptrain.model import GPT, flops_per_token
 from gptrain.optim import build_optimizer, lr_at, set_lr
@@ -123,6 +124,10 @@ class Trainer:
         self.dist, self.device = init_distributed(cfg.train.device, cfg.parallel, cfg.model, cfg.train.precision)
         self.console = console or RunConsole(cfg.train.progress, enabled=self.dist.is_main)
         self.precision = resolve_precision(cfg.train.precision, self.device, self.console)
+        # Before any model or batch exists: CPU steps then reuse freed memory instead of faulting in new pages.
+        if self.device.type == "cpu" and cfg.train.reuse_host_memory:
+            reuse_freed_memory()
+        self.host_allocator = host_allocator()
         self._setup_data()
         self._plan_run_folder()
         self._setup_model()
@@ -595,6 +600,7 @@ class Trainer:
             mfu={"formula": MFU_FORMULA, "flops_per_token": self.flops_per_token, "peak_flops": self.peak_flops,
                  "peak_flops_source": self.peak_flops_source},
             precision=self.precision,
+            host_allocator=self.host_allocator,
             dataset_dir=str(self.dataset_dir),
             dataset_fingerprint=(self.meta.get("inputs") or {}).get("fingerprint"),
             tokenizer=self.tokenizer.spec,
