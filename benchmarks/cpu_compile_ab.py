@@ -5,8 +5,9 @@
 Builds each variant from the same initialisation (6 layers, d_model 384, 6 heads, context 256,
 batch 16, vocab 8192, fp32, the trainer's AdamW (fused on CPU), clipping, the trainer's host-memory
 settings), warms it up, then runs one training step of each in turn (alternating the order) for
-ROUNDS rounds, with a 4096² fp32 matrix product every third round. Prints each variant's fastest step, its MFU against the fastest matrix product, and the
-median per-round step-time ratio to the first variant. Variants: eager, whole (torch.compile of the
+ROUNDS rounds, with a 4096² fp32 matrix product every third round. Prints each variant's fastest
+step, its MFU against the fastest matrix product, and the median per-round step-time ratio to the
+first variant. Variants: eager, whole (torch.compile of the
 whole model, what --compile does in one process), block (each block compiled, what it does under
 DDP/FSDP).
 """

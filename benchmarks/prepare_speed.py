@@ -78,6 +78,7 @@ def bench_spec(spec: str, work: Path, rounds: int) -> dict:
             run()
     # Both encode the same text (prepare's input bytes also count the few unreadable files it skips).
     ratios = [raw / prep for raw, prep in zip(raw_times, prep_times, strict=True)]
+    n_tokens = meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"]
     return {
         "spec": spec,
         "bpe_train_s": train_s,
@@ -87,13 +88,9 @@ def bench_spec(spec: str, work: Path, rounds: int) -> dict:
         "ratio_median": statistics.median(ratios),
         "ratios": ratios,
         "ratio_best": min(raw_times) / min(prep_times),
-        "tokens": meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"],
-        "bytes_per_token": n_bytes / meta_tokens(meta),
+        "tokens": n_tokens,
+        "bytes_per_token": n_bytes / n_tokens,
     }
-
-
-def meta_tokens(meta: dict) -> int:
-    return meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"]
 
 
 def make_corpus(root: Path, mb: int) -> Path:

@@ -6,7 +6,7 @@ blocks above the mmap threshold (at most 32 MiB) are mmapped and unmapped each t
 ones fragment the heap (an aligned request needs a little more than the hole its predecessor
 left) so the heap keeps growing into untouched pages. Either way the kernel hands out new zeroed
 pages: on the CPU reference configuration (6 layers, d_model 384, batch 16 × 256) that was
-~0.5–0.9 GB of page faults per training step, 0.1–0.45 s of kernel time in a 2.3–2.7 s step
+0.2–0.9 GB of page faults per training step, 0.1–1.2 s of kernel time in a 2.4–3.7 s step
 (benchmarks/RESULTS.md, "Host memory").
 
 Three `mallopt` settings make freed memory come back to the next request of similar size, so a
@@ -50,7 +50,7 @@ def reuse_freed_memory() -> str:
         elif all(libc.mallopt(option, value) == 1 for option, value in SETTINGS):
             _applied = DESCRIPTION
         else:
-            _applied = "system default (glibc refused the mallopt settings)"
+            _applied = "partly changed (glibc refused some of the mallopt settings)"
     return host_allocator()
 
 
