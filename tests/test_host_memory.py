@@ -13,7 +13,7 @@ from gptrain.host_memory import DESCRIPTION, _glibc
 pytestmark = pytest.mark.skipif(_glibc() is None, reason="mallopt tuning exists on glibc (Linux) only")
 
 # A few forward/backward steps of an MLP whose activations are 64 MiB tensors, as in a CPU training
-# step: count the minor page faults of the steps after a few warm-up steps (in which the heap settles).
+# step: count the minor page faults of the median step after a few warm-up steps.
 # Each fault is a fresh zeroed page from the kernel; a step that reuses the memory freed by the
 # previous one needs none.
 PROBE = """
@@ -29,11 +29,13 @@ def step():
     mlp.zero_grad(set_to_none=True)
 for _ in range(8):
     step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(8):
+faults = []
+for _ in range(9):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step()
-faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-print(json.dumps({"applied": applied, "faults_per_step": faults / 8, "activation_pages": 8192 * 2048 * 4 // 4096}))
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+# The median step: now and then the heap still settles (one step takes some new pages), the typical step not.
+print(json.dumps({"applied": applied, "faults_per_step": sorted(faults)[4], "activation_pages": 8192 * 2048 * 4 // 4096}))
 """
 
 
@@ -48,8 +50,7 @@ def test_training_steps_reuse_freed_memory_instead_of_faulting_in_new_pages():
     pages = default["activation_pages"]  # one 64 MiB activation
     # glibc's default: every large activation is mmapped afresh, each of its pages faulted in again.
     assert default["faults_per_step"] > 2 * pages, default
-    # With the settings a step reuses the previous step's memory: almost no fresh pages (the heap still
-    # settles now and then, so not exactly none).
+    # With the settings a step reuses the previous step's memory: almost no fresh pages.
     assert reuse["faults_per_step"] < 0.25 * pages, reuse
     assert reuse["faults_per_step"] < 0.05 * default["faults_per_step"], (reuse, default)
 
