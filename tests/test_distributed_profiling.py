@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from conftest import fast_overrides
 
 from gptrain.config import build_config
+from gptrain.profiling import op_kind, readable_name, time_by_kind
 from gptrain.trainer import train
 
 
@@ -27,6 +29,48 @@ def test_profiler_writes_traces_and_summarises_a_step(byte_dataset, tmp_path, ca
     assert "profile (rank 0, 2 recorded steps" in out
     for part in ("data", "forward", "backward", "optimizer"):
         assert f"  {part} " in out
+    # "by kind: matrix products 41%, other 30%, ... (of 12.34 ms of operator time)": shares of one total.
+    by_kind = next(line for line in out.splitlines() if line.startswith("  by kind: "))
+    shares = dict((k.rsplit(" ", 1)[0], int(k.rsplit(" ", 1)[1].rstrip("%")))
+                  for k in by_kind.split(": ", 1)[1].split(" (of ")[0].split(", "))
+    assert shares["matrix products"] > 0 and "optimizer and clipping" in shares  # listed when its time is > 0
+    assert abs(sum(shares.values()) - 100) <= len(shares)  # each share rounded to a whole percent
+
+
+@pytest.mark.parametrize("name, kind", [
+    # CUDA kernels as they appear in traces (H100/H200, torch 2.x)
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 64, 4, false, false, "
+     "cutlass::bfloat16_t>>(Flash_fwd_params)", "attention"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_"
+     "kernel__5x_cublas", "matrix products"),
+    ("nvjet_tst_192x192_64x3_2x1_v_bz_coopB_TNT", "matrix products"),
+    ("triton_per_fused_add_native_layer_norm_0", "compiled kernels"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
+     "TensorListMetadata<4>, at::native::(anonymous namespace)::FusedAdamMathFunctor<float, 4, "
+     "(at::native::ADAM_MODE)1, false>, float*, double, double, double, double, double, bool, float*, float*>",
+     "optimizer and clipping"),
+    ("ncclDevKernel_AllReduce_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "communication"),
+    ("Memcpy HtoD (Pinned -> Device)", "copies"),
+    # CPU operators
+    ("aten::addmm", "matrix products"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu_backward", "attention"),
+    ("aten::_fused_adamw_", "optimizer and clipping"),
+    ("aten::_foreach_norm", "optimizer and clipping"),
+    ("gloo:all_reduce", "communication"),
+    ("Torch-Compiled Region: 0/0", "compiled kernels"),
+    (readable_name("## Call CompiledFxGraph fx6tuhl5g7fagvwwyjfuyybgjuydbtedwftazb7g42c5l32rhadb ##"),
+     "compiled kernels"),
+    ("aten::gelu", "other"),
+    ("aten::broadcast_tensors", "other"),
+])
+def test_profile_summary_names_the_kind_of_each_kernel(name, kind):
+    assert op_kind(name) == kind
+
+
+def test_time_by_kind_adds_every_event_once():
+    kinds = time_by_kind([("aten::mm", 3.0), ("aten::addmm", 2.0), ("aten::gelu", 1.5), ("flash_bwd", 4.0)])
+    assert kinds["matrix products"] == 5.0 and kinds["attention"] == 4.0 and kinds["other"] == 1.5
+    assert sum(kinds.values()) == 10.5 and kinds["communication"] == 0.0
 
 
 def test_activation_checkpointing_keeps_the_numbers_and_saves_activations(byte_dataset, tmp_path):

@@ -296,7 +296,7 @@ def child_env(nproc_max: int, device_is_cpu: bool) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------- output
-def _fmt_flops(x: float | None) -> str:
+def fmt_flops(x: float | None) -> str:
     if x is None:
         return "n/a"
     return f"{x / 1e12:.1f}T" if x >= 1e12 else f"{x / 1e9:.1f}G"
@@ -316,7 +316,7 @@ def format_table(results: list[dict[str, Any]], markdown: bool = False) -> str:
         variant = ("compile" if r["compile"] else "eager") + ("+ac" if r.get("ac") not in (None, "none") else "")
         rows.append([r["name"] or "-", variant, str(r["nproc"]), str(r["threads"]), f"{r['tokens_per_sec']:,.0f}",
                      f"{r['tokens_per_sec_min']:,.0f}–{r['tokens_per_sec_max']:,.0f}", f"{1000 * r['step_time']:.0f}",
-                     _fmt_flops(r["model_flops_per_sec"]), _fmt_flops(r["matmul_flops"]),
+                     fmt_flops(r["model_flops_per_sec"]), fmt_flops(r["matmul_flops"]),
                      _fmt_pct(r["mfu_measured"]), _fmt_pct(r.get("mfu_best")), _fmt_pct(r["mfu_spec"]) if r["device"].startswith("cuda") else "-",
                      mem_s])
     if markdown:

@@ -3,7 +3,8 @@
 - `--use-profiler`: steps are traced on a wait / warmup / active / repeat schedule; each rank writes
   its Chrome-trace files (`rank<R>.<time>.pt.trace.json`) into runs/<name>/profile/ — open them in
   https://ui.perfetto.dev or TensorBoard's profiler plugin. At the end the console shows where the
-  time of a profiled step went (data, forward, backward, optimizer, checkpoint, top operators).
+  time of a profiled step went (data, forward, backward, optimizer, checkpoint), the top kernels or
+  operators, and the share of each kind of work (matrix products, attention, compiled kernels, ...).
 - `--nvtx`: the same named ranges as NVTX ranges, for `nsys profile` (Nsight Systems); CUDA only.
 - `--memory-snapshot` (CUDA): allocations are recorded from the start; after the first profiling
   cycle (or at the end) each rank writes memory_snapshot_rank<R>.pickle for https://pytorch.org/memory_viz.
@@ -20,6 +21,46 @@ import torch
 from torch.autograd import DeviceType
 
 RANGES = ("data", "forward", "backward", "optimizer", "checkpoint")
+
+
+# What each kind of work is called in a trace: CUDA kernel names (cuBLAS / CUTLASS / nvjet GEMMs, flash
+# attention, Triton kernels from Inductor, multi-tensor optimizer kernels, NCCL) and CPU operator names.
+# First match wins: flash-attention kernels carry "cutlass" in their template arguments, so attention
+# is tested before matrix products.
+OP_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("matrix products", ("gemm", "gemv", "cutlass", "xmma", "nvjet", "cublas", "aten::mm", "aten::addmm",
+                         "aten::bmm", "aten::baddbmm", "aten::_addmm_activation", "aten::matmul")),
+    ("optimizer and clipping", ("adam", "multi_tensor_apply", "aten::_foreach")),
+    ("communication", ("nccl", "gloo", "c10d::", "record_param_comms", "all_reduce", "allreduce",
+                       "reduce_scatter", "all_gather")),
+    ("copies", ("memcpy", "memset", "aten::copy_", "aten::_to_copy", "aten::fill_", "aten::zero_")),
+    ("compiled kernels", ("triton_", "cpp_fused", "compiled graph", "torch-compiled region", "compiledfunction")),
+)
+
+
+def readable_name(key: str) -> str:
+    """"## Call CompiledFxGraph fx6tuhl5g7fa… ##" → "compiled graph fx6tuhl5"; other names unchanged."""
+    words = key.split()
+    if key.startswith("## Call CompiledFxGraph") and len(words) > 3:
+        return "compiled graph " + words[3][:8]
+    return key
+
+
+def op_kind(name: str) -> str:
+    lowered = name.lower()
+    for kind, needles in OP_KINDS:
+        if any(n in lowered for n in needles):
+            return kind
+    return "other"
+
+
+def time_by_kind(timed: list[tuple[str, float]]) -> dict[str, float]:
+    """Sum (name, self time) pairs by `op_kind`; every kind present, zero when absent."""
+    kinds = dict.fromkeys([k for k, _ in OP_KINDS] + ["other"], 0.0)
+    for name, t in timed:
+        kinds[op_kind(name)] += t
+    return kinds
 
 
 class Profiler:
@@ -116,13 +157,17 @@ class Profiler:
         parts = {e.key.split("/", 1)[1]: total_ms(e) / steps for e in events if e.key.startswith("gptrain/")}
         if not parts:
             return None
+        # What ran: on CUDA the kernels (and memcpy/memset) themselves, since a CPU operator also carries the
+        # device time of the kernels it launched; on CPU the operators, by their own (self) time.
+        key = (lambda e: getattr(e, "self_device_time_total", 0.0)) if cuda else (lambda e: e.self_cpu_time_total)
+        # (On CPU, Inductor's C++ kernels run inside "## Call CompiledFxGraph <hash> ##" with no event of their own.)
+        timed = [(readable_name(e.key), key(e)) for e in events if not e.key.startswith(("gptrain/", "ProfilerStep"))
+                 and (not cuda or e.device_type == DeviceType.CUDA)]
         if cuda and "backward" in parts:
             # Backward kernels are launched by autograd's own device thread, outside the main thread's
             # "backward" range, so that range holds almost no CUDA time. Backward is what remains of the
             # step's kernel time once the ranges launched from the main thread are taken out.
-            # Kernel and memcpy events only (CPU ops also carry their kernels' device time: no double count).
-            kernels = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA
-                          and not e.key.startswith(("gptrain/", "ProfilerStep", "## "))) / 1000.0 / steps
+            kernels = sum(t for _, t in timed) / 1000.0 / steps
             launched_here = sum(v for k, v in parts.items() if k not in ("backward", "checkpoint"))
             parts["backward"] = max(0.0, kernels - launched_here)
         step_ms = sum(v for k, v in parts.items() if k != "checkpoint")
@@ -132,10 +177,14 @@ class Profiler:
             if name in parts:
                 share = f" ({100 * parts[name] / step_ms:.0f}%)" if step_ms and name != "checkpoint" else ""
                 lines.append(f"  {name:<10} {parts[name]:9.2f} ms{share}")
-        ops = [e for e in events if not e.key.startswith(("gptrain/", "ProfilerStep", "## "))]
-        key = (lambda e: getattr(e, "self_device_time_total", 0.0)) if cuda else (lambda e: e.self_cpu_time_total)
-        top = sorted(ops, key=key, reverse=True)[:5]
+        top = sorted(timed, key=lambda kt: kt[1], reverse=True)[:5]
         if top:
-            lines.append("  top operators by self time: " + ", ".join(
-                f"{e.key} {key(e) / 1000.0 / steps:.2f} ms" for e in top))
+            lines.append(f"  top {'kernels' if cuda else 'operators'} by self time: " + ", ".join(
+                f"{name} {t / 1000.0 / steps:.2f} ms" for name, t in top))
+        kinds = time_by_kind(timed)
+        total = sum(kinds.values())
+        if total > 0:
+            lines.append("  by kind: " + ", ".join(
+                f"{kind} {100 * t / total:.0f}%" for kind, t in sorted(kinds.items(), key=lambda kv: -kv[1])
+                if t > 0) + f" (of {total / 1000.0 / steps:.2f} ms of {'kernel' if cuda else 'operator'} time)")
         return "\n".join(lines)
