@@ -3,11 +3,13 @@
 # buy some of it back: the measurements the issue's ≥ 50% MFU target (gpt2, compiled) needs next.
 # About 6-9 minutes on an H100/H200, most of it compilation; installs nothing from the network. The steps
 # run in order of what they tell, and each writes its files at once: under a device call's 10-minute
-# limit, a run cut short keeps what it measured (or split it: STEPS="base parts profile", then "cdt autotune").
+# limit, a run cut short keeps what it measured (or split it: STEPS="syncs base parts profile", then "cdt autotune").
 #
 #   bash benchmarks/gpu_probe.sh [OUT_DIR]        # default: gpu_probe/ (tables, JSON, profiler trace)
 #
-# Steps (STEPS="base parts profile cdt autotune" by default; each under its own time limit):
+# Steps (STEPS="syncs base parts profile cdt autotune" by default; each under its own time limit):
+#   syncs     benchmarks/gpu_sync_check.py: no host-device synchronisation in the hot loop (eager and compiled,
+#             a 2-layer gpt2-shaped model; torch.cuda.set_sync_debug_mode outside log/eval/checkpoint steps)
 #   base      `gptrain bench --named gpt2 --variants compile` (batch 32, bf16): the figure to beat
 #   parts     benchmarks/step_parts.py: each linear layer, attention (every SDPA backend), the LM head and
 #             the cross-entropy timed alone at the step's shapes, their FLOP/s, and their sum against the
@@ -27,7 +29,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
-STEPS=${STEPS:-"base parts profile cdt autotune"}
+STEPS=${STEPS:-"syncs base parts profile cdt autotune"}
 OUT=$(mkdir -p "${1:-gpu_probe}" && cd "${1:-gpu_probe}" && pwd)
 
 if ! "$PY" -m pip install --no-deps --no-build-isolation -q -e . >/dev/null 2>&1; then
@@ -55,6 +57,9 @@ bench() {  # bench NAME LIMIT_S [ENV=VALUE ...] -- [extra gptrain flags]
 
 for step in $STEPS; do
     case $step in
+        syncs)
+            echo "=== syncs"
+            timeout 180 "$PY" benchmarks/gpu_sync_check.py 2>&1 | tee "$OUT/syncs.log" ;;
         base) bench base 150 ;;
         parts)
             echo "=== parts"
