@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Where the time of a compiled gpt2 step goes on one CUDA GPU, and whether Inductor's tuning options
 # buy some of it back: the measurements the issue's ≥ 50% MFU target (gpt2, compiled) needs next.
-# About 6-9 minutes on an H100/H200, most of it compilation; installs nothing from the network. The steps
-# run in order of what they tell, and each writes its files at once: under a device call's 10-minute
-# limit, a run cut short keeps what it measured (or split it: STEPS="syncs base parts profile", then "cdt autotune").
+# About 7-10 minutes on an H100/H200, most of it compilation; installs nothing from the network. The
+# steps run in order of what they tell, each writing its files at once, so a run cut short by a device
+# call's 10-minute limit keeps what it measured. Or split it: STEPS="syncs base parts profile", then
+# STEPS="cudnn cdt autotune".
 #
 #   bash benchmarks/gpu_probe.sh [OUT_DIR]        # default: gpu_probe/ (tables, JSON, profiler trace)
 #
-# Steps (STEPS="syncs base parts profile cdt autotune" by default; each under its own time limit):
+# Steps (STEPS="syncs base parts profile cudnn cdt autotune" by default; each under its own time limit):
 #   syncs     benchmarks/gpu_sync_check.py: no host-device synchronisation in the hot loop (eager and compiled,
 #             a 2-layer gpt2-shaped model; torch.cuda.set_sync_debug_mode outside log/eval/checkpoint steps)
 #   base      `gptrain bench --named gpt2 --variants compile` (batch 32, bf16): the figure to beat
@@ -17,6 +18,7 @@
 #   profile   one profiled compiled run: the step split into data / forward / backward / optimizer and,
 #             by kernel kind, into matrix products / attention / compiled kernels / optimizer / copies,
 #             with the five most expensive kernels (gptrain.profiling); the Chrome trace goes to OUT_DIR.
+#   cudnn     base again, with --attention-backend cudnn (cuDNN's fused attention instead of PyTorch's choice)
 #   cdt       base again, with TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 (Triton launch configs tuned)
 #   autotune  base again, with TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1 (Triton GEMM templates compete with cuBLAS)
 # How to read it: parts gives each matrix product its own FLOP/s; if they are near the measured matmul
@@ -29,7 +31,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
-STEPS=${STEPS:-"syncs base parts profile cdt autotune"}
+STEPS=${STEPS:-"syncs base parts profile cudnn cdt autotune"}
 OUT=$(mkdir -p "${1:-gpu_probe}" && cd "${1:-gpu_probe}" && pwd)
 
 if ! "$PY" -m pip install --no-deps --no-build-isolation -q -e . >/dev/null 2>&1; then
@@ -67,6 +69,7 @@ for step in $STEPS; do
                 2>/dev/null || echo "")
             timeout 120 "$PY" benchmarks/step_parts.py --device "${DEVICE:-cuda}" --batch "${BATCH:-32}" \
                 ${step_ms:+--step-ms "$step_ms"} ${PARTS_ARGS:-} 2>&1 | tee "$OUT/parts.log" ;;
+        cudnn) bench cudnn 150 -- --attention-backend cudnn ;;
         cdt) bench cdt 240 TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 ;;
         autotune) bench autotune 300 TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1 ;;
         profile)

@@ -74,6 +74,16 @@ def test_bad_input_is_one_clear_message(args, message, capsys, tmp_path, monkeyp
     assert message in err and "Traceback" not in err
 
 
+def test_attention_backend_this_device_lacks_is_an_error_before_any_work(byte_dataset, tmp_path, capsys):
+    rc = cli("train", "--data", byte_dataset, "--runs-dir", tmp_path / "runs", "--run-name", "x",
+             "--attention-backend", "cudnn", *TINY)
+    assert rc == 2
+    err = err_of(capsys)
+    assert "--attention-backend cudnn cannot run this model's attention on cpu in fp32" in err
+    assert "On CPU, PyTorch has the flash and math backends only" in err and "Traceback" not in err
+    assert not (tmp_path / "runs" / "x").exists()
+
+
 def test_unknown_toml_setting_suggests_the_closest(tmp_path, capsys):
     toml = tmp_path / "bad.toml"
     toml.write_text("[optim]\nlearning_rat = 0.1\n")

@@ -123,3 +123,37 @@ def test_fused_adamw_on_cpu_follows_the_foreach_curve():
         # ignores a shift shared by all keys), so Adam's normalised update of it is rounding noise.
         if a.dim() >= 2:
             assert torch.allclose(a, b, atol=1e-6, rtol=1e-4), name
+
+
+def test_pinned_attention_backend_is_the_one_that_runs_and_keeps_the_loss_curve():
+    """--attention-backend math: the math path runs (no flash kernel in the trace) and training follows
+    the default curve (CPU flash) within fp32 rounding."""
+    def with_backend(backend: str):
+        def loss_fn(model: GPT, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            model.set_attention_backend(backend)
+            return model(x, y)
+        return loss_fn
+
+    auto, _ = train_losses(with_backend("auto"))
+    math_, model = train_losses(with_backend("math"))
+    assert max(abs(a - b) for a, b in zip(auto, math_, strict=True)) < 1e-5, (auto, math_)
+    x = torch.randint(0, 100, (2, 16))
+    for backend, flash_runs in (("auto", True), ("math", False)):
+        model.set_attention_backend(backend)
+        with torch.profiler.profile() as prof:
+            model(x, x).backward()
+        names = {e.key for e in prof.key_averages()}
+        assert any("flash_attention" in n for n in names) == flash_runs, (backend, sorted(names))
+
+
+def test_attention_backend_setting_reaches_every_block(byte_dataset, tmp_path):
+    from conftest import fast_overrides
+
+    from gptrain.config import build_config
+    from gptrain.trainer import Trainer
+
+    cfg, explicit = build_config(fast_overrides(byte_dataset, tmp_path, **{
+        "train.attention_backend": "math", "train.num_steps": 2, "train.eval_every": 0, "train.sample_tokens": 0}))
+    trainer = Trainer(cfg, explicit)
+    assert [b.attn.backend for b in trainer.raw_model.blocks.values()] == ["math", "math"]
+    assert trainer.fit().status == "finished"

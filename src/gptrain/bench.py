@@ -219,6 +219,7 @@ def summarize(trainer, rows: list[dict[str, Any]], *, name: str, wall: float, wi
         "precision": trainer.precision,
         "compile": bool(cfg.train.compile),
         "ac": getattr(getattr(cfg, "parallel", None), "ac", "none"),
+        "attention_backend": cfg.train.attention_backend,
         "nproc": world,
         "threads": torch.get_num_threads(),
         "model": {"n_layers": cfg.model.n_layers, "n_heads": cfg.model.n_heads, "d_model": cfg.model.d_model,
@@ -314,6 +315,8 @@ def format_table(results: list[dict[str, Any]], markdown: bool = False) -> str:
         mem = r.get("memory") or {}
         mem_s = ", ".join(f"{k.split('/', 1)[1].replace('_gb', '')} {v:.2f} GB" for k, v in mem.items()) or "n/a"
         variant = ("compile" if r["compile"] else "eager") + ("+ac" if r.get("ac") not in (None, "none") else "")
+        if r.get("attention_backend", "auto") != "auto":
+            variant += f"+{r['attention_backend']}"
         rows.append([r["name"] or "-", variant, str(r["nproc"]), str(r["threads"]), f"{r['tokens_per_sec']:,.0f}",
                      f"{r['tokens_per_sec_min']:,.0f}–{r['tokens_per_sec_max']:,.0f}", f"{1000 * r['step_time']:.0f}",
                      fmt_flops(r["model_flops_per_sec"]), fmt_flops(r["matmul_flops"]),
@@ -331,13 +334,16 @@ def format_table(results: list[dict[str, Any]], markdown: bool = False) -> str:
 
 
 def scaling_lines(results: list[dict[str, Any]]) -> list[str]:
+    def setup(r: dict[str, Any]) -> tuple:  # results compared across process counts share all of these
+        return r["name"], r["compile"], r.get("ac"), r.get("attention_backend")
+
     base = {}
     for r in results:
         if r["nproc"] == 1:
-            base.setdefault((r["name"], r["compile"], r.get("ac")), r)
+            base.setdefault(setup(r), r)
     out = []
     for r in results:
-        b = base.get((r["name"], r["compile"], r.get("ac")))
+        b = base.get(setup(r))
         if r["nproc"] > 1 and b:
             eff = r["tokens_per_sec"] / (r["nproc"] * b["tokens_per_sec"])
             out.append(f"scaling {b['nproc']}→{r['nproc']} processes: {r['tokens_per_sec'] / b['tokens_per_sec']:.2f}× "

@@ -19,7 +19,7 @@ from typing import Any
 import tomllib
 
 from gptrain.errors import UserError
-from gptrain.model import PRESETS, ModelConfig
+from gptrain.model import ATTENTION_BACKENDS, PRESETS, ModelConfig
 
 
 @dataclass
@@ -62,6 +62,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     compile: bool = False
+    attention_backend: str = "auto"  # auto | flash | cudnn | efficient | math (gptrain.model.ATTENTION_BACKENDS)
     # CPU: make glibc reuse freed tensor memory instead of faulting in fresh pages every step
     # (gptrain.host_memory; 3–18% of a step of the CPU reference configuration, for ~20% more peak RSS).
     reuse_host_memory: bool = True
@@ -235,6 +236,9 @@ OPTIONS: list[Option] = [
     Option("train.precision", ("--precision",), "auto (bf16 on capable GPUs, fp32 on CPU), fp32, bf16, fp16",
            choices=("auto", "fp32", "bf16", "fp16")),
     Option("train.compile", ("--compile",), "torch.compile the model"),
+    Option("train.attention_backend", ("--attention-backend",), "scaled_dot_product_attention backend for training "
+           "and evaluation: auto (PyTorch picks per call), flash, cudnn, efficient, math (generation stays auto)",
+           choices=ATTENTION_BACKENDS),
     Option("train.reuse_host_memory", ("--reuse-host-memory",),
            "CPU: keep freed tensor memory for reuse instead of faulting in new pages every step "
            "(default on; --no-reuse-host-memory: glibc's defaults)", negate="--no-reuse-host-memory"),
@@ -444,6 +448,9 @@ def validate(cfg: Config) -> None:
     validate_parallel(cfg)
     if t.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise UserError(f"unknown --precision '{t.precision}'. Choose auto, fp32, bf16 or fp16.")
+    if t.attention_backend not in ATTENTION_BACKENDS:
+        raise UserError(f"unknown --attention-backend '{t.attention_backend}'. Choose "
+                        f"{', '.join(ATTENTION_BACKENDS[:-1])} or {ATTENTION_BACKENDS[-1]}.")
 
 
 def largest_divisor(n: int, at_most: int) -> int:

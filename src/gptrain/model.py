@@ -13,6 +13,7 @@ tensor parallelism can shard the model with plain DTensor plans:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -61,6 +62,21 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# The scaled_dot_product_attention backends a run may pin (`--attention-backend`). "auto" lets PyTorch
+# pick, call by call, the first backend in its priority order that supports the inputs.
+ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+
+
+def attention_kernels(backend: str) -> contextlib.AbstractContextManager:
+    """A context in which scaled_dot_product_attention uses only `backend` ("auto": no restriction)."""
+    if backend == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([{"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                         "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[backend]])
+
+
 class KVCache:
     """Keys and values of the positions generated so far, one pair per layer.
 
@@ -90,15 +106,17 @@ class CausalSelfAttention(nn.Module):
         self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.backend = "auto"  # training and evaluation only; see GPT.set_attention_backend
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
         qkv = self.qkv(x).view(B, T, -1, 3, self.head_dim)  # -1: the heads this rank holds
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=3))  # each (B, H, T, hd)
         if kv_cache is None:
-            y = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-            )
+            with attention_kernels(self.backend):
+                y = F.scaled_dot_product_attention(
+                    q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+                )
         else:
             past = kv_cache.length
             k, v = kv_cache.update(layer, k, v)
@@ -196,6 +214,17 @@ class GPT(nn.Module):
             return logits
         # Under autocast, cross_entropy runs in fp32 by itself; no fp32 copy of the logits here.
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Run the attention of training and evaluation forwards with one SDPA backend only.
+
+        Generation with a KV cache keeps PyTorch's choice: its masked and single-query calls are
+        cases some backends (flash on CUDA) do not support.
+        """
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}; one of {ATTENTION_BACKENDS}")
+        for block in self.blocks.values():
+            block.attn.backend = backend
 
     # ------------------------------------------------------------------ counts
     def num_parameters(self, non_embedding: bool = False) -> int:

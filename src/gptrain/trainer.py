@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from gptrain import checkpoint as ckpt_lib
 from gptrain.config import SHAPE_KEYS, Config, validate
@@ -41,7 +42,7 @@ from gptrain.evaluate import evaluate_loss
 from gptrain.generate import NonFiniteLogits, generate
 from gptrain.host_memory import host_allocator, reuse_freed_memory
 from gptrain.metrics import MFU_FORMULA, LossAccumulator, StepTimer, memory_metrics, peak_flops_for
-from gptrain.model import GPT, flops_per_token
+from gptrain.model import GPT, ModelConfig, attention_kernels, flops_per_token
 from gptrain.optim import build_optimizer, lr_at, set_lr
 from gptrain.profiling import Profiler
 from gptrain.run_folder import (
@@ -80,6 +81,25 @@ def resolve_precision(requested: str, device: torch.device, console: RunConsole)
     if requested == "fp16" and device.type == "cpu":
         raise UserError("--precision fp16 needs a CUDA GPU. Use fp32 (or bf16) on CPU.")
     return requested
+
+
+def check_attention_backend(backend: str, device: torch.device, precision: str, model_cfg: ModelConfig) -> None:
+    """A pinned SDPA backend must run this model's attention here: tried at start on one small head,
+    forward and backward, so that an unsupported choice is a clear error before any work."""
+    if backend == "auto":
+        return
+    q = torch.ones(1, 1, min(model_cfg.max_position_embeddings, 64), model_cfg.head_dim, device=device,
+                   dtype=DTYPES[precision], requires_grad=True)
+    cuda_devices = [device.index or 0] if device.type == "cuda" else []
+    try:  # fork_rng: the try-out's dropout must not move the training run's random streams
+        with torch.random.fork_rng(devices=cuda_devices), attention_kernels(backend):
+            F.scaled_dot_product_attention(q, q, q, is_causal=True, dropout_p=model_cfg.dropout).sum().backward()
+    except RuntimeError as e:
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        hint = " On CPU, PyTorch has the flash and math backends only." if device.type == "cpu" else ""
+        raise UserError(f"--attention-backend {backend} cannot run this model's attention on {device.type} in "
+                        f"{precision} (PyTorch: {reason}).{hint} Use --attention-backend auto to let PyTorch "
+                        "choose.") from e
 
 
 class StopRequest:
@@ -274,6 +294,8 @@ class Trainer:
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 for whatever stays in fp32
         model = GPT(cfg.model).to(self.device)
+        check_attention_backend(cfg.train.attention_backend, self.device, self.precision, cfg.model)
+        model.set_attention_backend(cfg.train.attention_backend)
         self.raw_model = model
         self.n_params = model.num_parameters()
         self.n_params_non_embedding = model.num_parameters(non_embedding=True)
