@@ -237,7 +237,7 @@ OPTIONS: list[Option] = [
            choices=("auto", "fp32", "bf16", "fp16")),
     Option("train.compile", ("--compile",), "torch.compile the model"),
     Option("train.attention_backend", ("--attention-backend",), "scaled_dot_product_attention backend for training "
-           "and evaluation: auto (PyTorch picks per call), flash, cudnn, efficient, math (generation stays auto)",
+           "and its evaluations: auto (PyTorch picks per call), flash, cudnn, efficient, math (generation stays auto)",
            choices=ATTENTION_BACKENDS),
     Option("train.reuse_host_memory", ("--reuse-host-memory",),
            "CPU: keep freed tensor memory for reuse instead of faulting in new pages every step "
