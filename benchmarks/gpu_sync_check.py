@@ -10,7 +10,9 @@ synchronise), and off inside the places that are allowed to wait (the log step's
 evaluation, checkpoints, text samples). Every synchronising CUDA call made anywhere else is recorded
 with the gptrain frames of its call stack; the script prints them and exits 1 if there was any.
 
-Needs a CUDA GPU; on a machine without one it says so and exits 0 (nothing to check).
+Needs a CUDA GPU; on a machine without one it says so and exits 0 (nothing to check). Its CPU-side
+half runs in the test suite: tests/test_trainer.py counts the loop's Python-level reads of tensor
+values (.item(), bool(), ...) outside the same places.
 """
 
 from __future__ import annotations

@@ -183,3 +183,57 @@ def test_environment_record(byte_dataset, tmp_path):
     assert env["n_params"] > env["n_params_non_embedding"] > 0
     assert env["tokens_per_step"] == 4 * 32 and env["tokenizer"] == "byte"
     assert os.path.basename(env["dataset_dir"]) == "dataset"
+
+
+# Reading a tensor's value on the host: on a GPU each of these waits for the device to catch up.
+HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__")
+# The places of the loop that may wait (log steps, evaluation, checkpoints, text samples).
+MAY_WAIT = ("_sync_time", "_train_metrics", "_evaluate", "_save", "_log_samples", "_final_sample")
+
+
+def test_hot_loop_reads_no_tensor_value_outside_log_eval_and_checkpoint_steps(byte_dataset, tmp_path, monkeypatch):
+    """The CPU-side half of "no host synchronisation outside log steps" (benchmarks/gpu_sync_check.py is
+    the GPU half): every Python-level read of a tensor's value (.item(), bool(), .tolist(), ...) is
+    counted, except inside the trainer's methods that are allowed to wait."""
+    import traceback
+
+    from gptrain.trainer import Trainer
+
+    allowed = [1]  # building the trainer may read values freely
+    reads: dict[str, int] = {}
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            if not allowed[0]:
+                where = " <- ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}"
+                                    for f in reversed(traceback.extract_stack()[-4:-1]))
+                reads[f"{name} at {where}"] = reads.get(f"{name} at {where}", 0) + 1
+            return original(self, *args, **kwargs)
+        return read
+
+    def waiting(name):
+        def method(self, *args, **kwargs):
+            allowed[0] += 1
+            try:
+                return getattr(Trainer, name)(self, *args, **kwargs)
+            finally:
+                allowed[0] -= 1
+        return method
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    checked = type("CheckedTrainer", (Trainer,), {name: waiting(name) for name in MAY_WAIT})
+    cfg, explicit = build_config(fast_overrides(byte_dataset, tmp_path, **{
+        "train.num_steps": 8, "train.log_every": 4, "train.eval_every": 4, "train.grad_accum_steps": 2,
+        "train.save_every": 4, "train.sample_tokens": 4}))
+    trainer = checked(cfg, explicit)
+    allowed[0] -= 1
+    result = trainer.fit()
+    assert result.status == "finished" and result.final_step == 8 and result.sample
+    assert reads == {}, reads
+    # The counting itself works: a read in the loop is seen.
+    allowed[0] = 0
+    torch.ones(()).item()
+    assert len(reads) == 1
