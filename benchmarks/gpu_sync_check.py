@@ -43,32 +43,19 @@ def waiting_allowed():
         torch.cuda.set_sync_debug_mode(mode)
 
 
-class SyncCheckedTrainer(Trainer):
-    """The trainer, with the calls that may wait marked as such."""
+# The places of the loop that may wait: the log step's clock and metrics, evaluation, checkpoints, samples.
+MAY_WAIT = ("_sync_time", "_train_metrics", "_evaluate", "_save", "_log_samples", "_final_sample")
 
-    def _sync_time(self):
-        with waiting_allowed():
-            return super()._sync_time()
 
-    def _train_metrics(self, *args, **kwargs):
+def _waiting_allowed_in(name: str):
+    def method(self, *args, **kwargs):
         with waiting_allowed():
-            return super()._train_metrics(*args, **kwargs)
+            return getattr(Trainer, name)(self, *args, **kwargs)
+    return method
 
-    def _evaluate(self, *args, **kwargs):
-        with waiting_allowed():
-            return super()._evaluate(*args, **kwargs)
 
-    def _save(self, *args, **kwargs):
-        with waiting_allowed():
-            return super()._save(*args, **kwargs)
-
-    def _log_samples(self, *args, **kwargs):
-        with waiting_allowed():
-            return super()._log_samples(*args, **kwargs)
-
-    def _final_sample(self, *args, **kwargs):
-        with waiting_allowed():
-            return super()._final_sample(*args, **kwargs)
+# The trainer, with the calls that may wait marked as such.
+SyncCheckedTrainer = type("SyncCheckedTrainer", (Trainer,), {name: _waiting_allowed_in(name) for name in MAY_WAIT})
 
 
 def check(compile: bool, args) -> list[str]:

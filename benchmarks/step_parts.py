@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from gptrain.bench import fmt_flops
+from gptrain.model import SDPA_BACKENDS, attention_kernels
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -62,13 +63,6 @@ def time_fwd_bwd(fn, inputs: list[torch.Tensor], device: torch.device, reps: int
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-
-
-def attention_backends(device: torch.device) -> list[tuple[str, object]]:
-    from torch.nn.attention import SDPBackend
-
-    names = ["FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH"]
-    return [(n.lower().replace("_attention", ""), getattr(SDPBackend, n)) for n in names if hasattr(SDPBackend, n)]
 
 
 def main() -> None:
@@ -115,11 +109,9 @@ def main() -> None:
     # Causal: half the full-context products are computed (fwd QK and PV, bwd four products).
     attn_flops = 12.0 * B * H * T * T * (d // H) / 2
     attention: dict[str, float] = {}
-    from torch.nn.attention import sdpa_kernel
-
-    for name, backend in attention_backends(device):
+    for name in SDPA_BACKENDS:
         try:
-            with sdpa_kernel([backend]):
+            with attention_kernels(name):
                 attention[name] = time_fwd_bwd(causal_attention, [q, k, v], device, args.reps)
         except RuntimeError as e:  # this backend does not run these shapes / dtype on this device
             print(f"attention backend {name}: not available here ({str(e).splitlines()[0][:100]})")

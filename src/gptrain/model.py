@@ -62,9 +62,12 @@ PRESETS: dict[str, dict] = {
 }
 
 
-# The scaled_dot_product_attention backends a run may pin (`--attention-backend`). "auto" lets PyTorch
-# pick, call by call, the first backend in its priority order that supports the inputs.
-ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+# The scaled_dot_product_attention backends a run may pin (`--attention-backend`), by their names in
+# torch.nn.attention.SDPBackend. "auto" lets PyTorch pick, call by call, the first backend in its
+# priority order that supports the inputs.
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                 "math": "MATH"}
+ATTENTION_BACKENDS = ("auto", *SDPA_BACKENDS)
 
 
 def attention_kernels(backend: str) -> contextlib.AbstractContextManager:
@@ -73,8 +76,7 @@ def attention_kernels(backend: str) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel([{"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-                         "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[backend]])
+    return sdpa_kernel([getattr(SDPBackend, SDPA_BACKENDS[backend])])
 
 
 class KVCache:
