@@ -3,7 +3,14 @@ import pytest
 import torch
 
 from gptrain.config import OptimConfig
-from gptrain.data.loader import BatchLayout, TrainBatches, eval_batch, eval_windows
+from gptrain.data.loader import (
+    BatchLayout,
+    DevicePrefetcher,
+    TrainBatches,
+    eval_rows,
+    eval_windows,
+    inputs_and_targets,
+)
 from gptrain.errors import UserError
 from gptrain.model import GPT, ModelConfig
 from gptrain.optim import build_optimizer, lr_at
@@ -26,6 +33,27 @@ def test_targets_are_inputs_shifted_by_one():
     x, y = make_batches().get(0, 0)
     assert x.dtype == torch.int64
     assert torch.equal(x[:, 1:], y[:, :-1]) and torch.equal(y[:, -1], x[:, -1] + 1)
+
+
+def test_accelerator_batches_are_one_pinned_copy(monkeypatch):
+    """On CUDA a micro-batch is one pinned (B, T+1) block and one non-blocking copy; inputs and
+    targets are views of it on the device (two strided host views would each be staged through a
+    pageable temporary). Checked on the meta device, which a CPU-only build can copy to."""
+    batches = make_batches()
+    pinned = []
+
+    def rows(step, micro, pin_memory=False):
+        pinned.append(pin_memory)
+        return TrainBatches.rows(batches, step, micro)  # a CPU-only build cannot pin
+
+    monkeypatch.setattr(batches, "rows", rows)
+    prefetch = DevicePrefetcher(batches, torch.device("meta"), grad_accum=2)
+    prefetch.cuda = True
+    x, y = prefetch.get(0, 0)
+    assert pinned == [True, True]  # this micro-batch and, ahead of use, the next
+    assert x.device.type == "meta" and x.shape == y.shape == (2, 10)
+    assert x._base is not None and x._base is y._base and x._base.shape == (2, 11)
+    assert y.storage_offset() == 1
 
 
 def test_batches_are_a_pure_function_of_seed_and_step():
@@ -57,7 +85,7 @@ def test_eval_windows_budget_and_errors():
     val = np.arange(105, dtype=np.uint16)
     assert eval_windows(val, 10, 1_000_000) == 10
     assert eval_windows(val, 10, 35) == 3
-    x, y = eval_batch(val, 10, range(0, 3))
+    x, y = inputs_and_targets(eval_rows(val, 10, range(0, 3)))
     assert x.shape == (3, 10) and int(y[2, -1]) == 30
     with pytest.raises(UserError, match="fewer than one sequence"):
         eval_windows(np.arange(5, dtype=np.uint16), 10, 100)

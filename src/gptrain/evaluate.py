@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from gptrain.data.loader import eval_batch, eval_windows
+from gptrain.data.loader import eval_rows, eval_windows, inputs_and_targets
 
 
 @torch.no_grad()
@@ -45,8 +45,8 @@ def evaluate_loss(
     for start in range(lo, lo + max(1, most), batch_size):
         end = min(start + batch_size, hi)
         scored = end > start
-        x, y = eval_batch(val_tokens, seq_len, range(start, end) if scored else range(min(lo, n - 1), min(lo, n - 1) + 1))
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        windows = range(start, end) if scored else range(min(lo, n - 1), min(lo, n - 1) + 1)
+        x, y = inputs_and_targets(eval_rows(val_tokens, seq_len, windows).to(device))
         with autocast or contextlib.nullcontext():
             logits = model(x)
         if scored:

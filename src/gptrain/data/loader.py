@@ -77,15 +77,24 @@ class TrainBatches:
         """Epochs completed at the start of `step`, as a fraction."""
         return step * self.layout.global_batch / self.num_windows
 
-    def get(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def rows(self, step: int, micro_step: int, pin_memory: bool = False) -> torch.Tensor:
+        """This rank's windows, (micro_batch, seq_len + 1) int64, in page-locked memory if asked."""
         positions = self.window_ids(step, micro_step)
-        rows = np.empty((len(positions), self.seq_len + 1), dtype=np.int64)
+        rows = torch.empty((len(positions), self.seq_len + 1), dtype=torch.int64, pin_memory=pin_memory)
+        out = rows.numpy()
         for i, pos in enumerate(positions):
             epoch, offset = divmod(int(pos), self.num_windows)
             start = int(self.permutation(epoch)[offset]) * self.seq_len
-            rows[i] = self.tokens[start : start + self.seq_len + 1]
-        batch = torch.from_numpy(rows)
-        return batch[:, :-1], batch[:, 1:]
+            out[i] = self.tokens[start : start + self.seq_len + 1]
+        return rows
+
+    def get(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return inputs_and_targets(self.rows(step, micro_step))
+
+
+def inputs_and_targets(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows of seq_len + 1 tokens as (inputs, next-token targets): two views, no copy."""
+    return rows[:, :-1], rows[:, 1:]
 
 
 def eval_windows(tokens: np.ndarray, seq_len: int, budget_tokens: int) -> int:
@@ -99,17 +108,19 @@ def eval_windows(tokens: np.ndarray, seq_len: int, budget_tokens: int) -> int:
     return max(1, min(available, budget_tokens // seq_len))
 
 
-def eval_batch(tokens: np.ndarray, seq_len: int, window_ids: range | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = np.stack([np.asarray(tokens[w * seq_len : w * seq_len + seq_len + 1], dtype=np.int64) for w in window_ids])
-    batch = torch.from_numpy(rows)
-    return batch[:, :-1], batch[:, 1:]
+def eval_rows(tokens: np.ndarray, seq_len: int, window_ids: range | list[int]) -> torch.Tensor:
+    """Validation windows `window_ids`, (len(window_ids), seq_len + 1) int64."""
+    return torch.from_numpy(
+        np.stack([np.asarray(tokens[w * seq_len : w * seq_len + seq_len + 1], dtype=np.int64) for w in window_ids]))
 
 
 class DevicePrefetcher:
     """Moves the batches of the coming micro-steps to the device ahead of use.
 
-    On CUDA the host batch goes through pinned memory with a non-blocking copy, issued one
-    micro-step early so the copy overlaps the current forward/backward. On CPU it is a pass-through.
+    On CUDA the host batch is read straight into pinned memory and copied with one non-blocking
+    copy, issued one micro-step early so it overlaps the current forward/backward; inputs and
+    targets are views of the copy on the device. (Copying the two strided host views instead would
+    make CUDA stage each through a pageable contiguous temporary.) On CPU it is a pass-through.
     """
 
     def __init__(self, source: TrainBatches, device: torch.device, grad_accum: int):
@@ -120,11 +131,10 @@ class DevicePrefetcher:
         self._next: tuple[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def _load(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.source.get(step, micro)
-        if self.cuda:
-            x = x.pin_memory().to(self.device, non_blocking=True)
-            y = y.pin_memory().to(self.device, non_blocking=True)
-        return x, y
+        if not self.cuda:
+            return self.source.get(step, micro)
+        rows = self.source.rows(step, micro, pin_memory=True)
+        return inputs_and_targets(rows.to(self.device, non_blocking=True))
 
     def get(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._next is not None and self._next[0] == (step, micro):

@@ -77,8 +77,10 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
     if tied:  # both plans shard dim 0 of the same weight: keep one parameter
         model.lm_head.weight = model.tok_emb.weight
     # The model masks the padded vocabulary columns of the logits in place; the gathered logits come out
-    # of DTensor's to_local as a view autograd forbids modifying, so hand over a copy.
-    model.lm_head.register_forward_hook(lambda mod, args, out: out.clone())
+    # of DTensor's to_local as a view autograd forbids modifying, so hand over a copy: only when there
+    # are padded columns, as the copy costs a pass over all B·T·V logits every micro-step.
+    if model.cfg.padded_vocab_size > model.cfg.vocab_size:
+        model.lm_head.register_forward_hook(lambda mod, args, out: out.clone())
     _replicate(model.pos_emb, tp_mesh)
     _replicate(model.ln_f, tp_mesh)
 
@@ -142,11 +144,15 @@ def apply_fsdp(model: nn.Module, dp_mesh, precision: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- loop helpers
 def gradient_sync(model: nn.Module, sync: bool):
-    """Skip DDP's gradient all-reduce on all but the last micro-batch of a step.
+    """All-reduce gradients across data-parallel replicas on the last micro-batch of a step only.
 
-    FSDP2 reduce-scatters every micro-batch (the default): skipping it would keep unsharded
-    gradients alive, which is the memory FSDP exists to save.
+    DDP: `no_sync` on the others. FSDP2 still reduce-scatters every micro-batch within a shard
+    group (skipping it would keep unsharded gradients alive, the memory FSDP exists to save), but
+    under HSDP or TP+DP the all-reduce across replicas waits for the last one
+    (`set_requires_all_reduce`; a no-op when there is no replicate dimension).
     """
+    if hasattr(model, "set_requires_all_reduce"):
+        model.set_requires_all_reduce(sync)
     if not sync and hasattr(model, "no_sync"):
         return model.no_sync()
     return contextlib.nullcontext()
