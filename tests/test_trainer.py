@@ -88,6 +88,25 @@ def test_resume_with_another_model_shape_is_an_error(byte_dataset, tmp_path):
         run(byte_dataset, tmp_path, **{"train.run_name": "s", "train.resume": "latest", "model.d_model": 64})
 
 
+def test_resume_refuses_what_it_cannot_continue_and_touches_nothing(byte_dataset, tmp_path):
+    from gptrain.data.prepare import PrepareConfig, prepare_dataset
+
+    res = run(byte_dataset, tmp_path, **{"train.run_name": "r", "train.num_steps": 2})
+    ckpt = str(C.latest_checkpoint(res.run_dir / "checkpoints").path)
+    before = {name: (res.run_dir / name).read_bytes() for name in ("config.json", "run.json", "metrics.jsonl")}
+    with pytest.raises(UserError, match="is at step 2, which already reaches --num-steps 2: nothing to train"):
+        run(byte_dataset, tmp_path, **{"train.resume": ckpt, "train.num_steps": 2})
+    with pytest.raises(UserError, match="--resume continues the run r .*, not --run-name other"):
+        run(byte_dataset, tmp_path, **{"train.resume": ckpt, "train.run_name": "other", "train.num_steps": 4})
+    bpe = tmp_path / "bpe_data"
+    prepare_dataset(PrepareConfig(inputs=[str(byte_dataset.parent / "corpus")], out_dir=str(bpe), tokenizer="bpe:300",
+                                  val_fraction=0.1, min_val_tokens=500), progress=False)
+    with pytest.raises(UserError, match="trained with the tokenizer byte, but the dataset .* is tokenized with bpe:300"):
+        run(bpe, tmp_path, **{"train.resume": ckpt, "train.num_steps": 4})
+    assert {name: (res.run_dir / name).read_bytes() for name in before} == before
+    assert not (tmp_path / "other").exists()
+
+
 def test_resume_from_corrupt_checkpoint_is_an_error(byte_dataset, tmp_path):
     res = run(byte_dataset, tmp_path, **{"train.run_name": "c", "train.num_steps": 2})
     model_file = C.latest_checkpoint(res.run_dir / "checkpoints").path / "model.pt"

@@ -139,6 +139,10 @@ class Trainer:
         if cfg.train.resume:
             self.resume_from = self._find_resume_checkpoint(cfg.train.resume)
             self.cfg = cfg = self._merge_resumed_config(cfg, self.resume_from)
+            if self.resume_from.step >= cfg.train.num_steps:  # before the run folder's records are rewritten
+                raise UserError(f"--resume: the checkpoint {self.resume_from.path} is at step {self.resume_from.step}, "
+                                f"which already reaches --num-steps {cfg.train.num_steps}: nothing to train. Pass a "
+                                f"larger --num-steps (e.g. {self.resume_from.step + cfg.train.num_steps}).")
         validate(cfg)
         # Layout errors (degrees vs world size, heads vs --tp, ...) are raised here, before any work.
         self.dist, self.device = init_distributed(cfg.train.device, cfg.parallel, cfg.model, cfg.train.precision)
@@ -203,6 +207,8 @@ class Trainer:
             self.dataset_dir = resolve_dataset(cfg.data, self.console, is_main=True)
         self.meta = read_meta(self.dataset_dir)
         self.tokenizer = load_dataset_tokenizer(self.dataset_dir)
+        if self.resume_from is not None:
+            self._check_resumed_tokenizer(self.resume_from)
         data_vocab = int(self.meta["vocab_size"])
         if "model.vocab_size" in self.explicit or self.resume_from is not None:
             if cfg.model.vocab_size < data_vocab:
@@ -235,6 +241,15 @@ class Trainer:
         self.batches = TrainBatches(self.train_tokens, self.seq_len, self.layout, t.seed)
         self.tokens_per_step = self.layout.global_batch * self.seq_len
 
+    def _check_resumed_tokenizer(self, ckpt: ckpt_lib.Checkpoint) -> None:
+        """A resumed model must go on reading the token ids it was trained on."""
+        saved = ckpt.info.get("tokenizer") or {}
+        if saved.get("fingerprint") not in (None, self.tokenizer.fingerprint()):
+            raise UserError(f"--resume: the checkpoint {ckpt.path} was trained with the tokenizer {saved.get('spec')}, "
+                            f"but the dataset {self.dataset_dir} is tokenized with {self.tokenizer.spec}. Resume "
+                            f"on data prepared with the run's tokenizer (its dataset was {ckpt.info.get('dataset_dir')}), "
+                            "or start a new run.")
+
     def _resolve_dataset_on_rank0(self, cfg: Config) -> Path:
         import torch.distributed as dist
 
@@ -255,13 +270,16 @@ class Trainer:
         t = self.cfg.train
         if self.resume_from is not None:
             info = self.resume_from.info
-            t.run_name = info["run_name"]
-            self.run_id = info["run_id"]
             around = self.resume_from.path.parent.parent
             run_dir = Path(info.get("run_dir") or around)
             # A checkpoint inside a run folder (also a copied or moved one) continues that folder.
             if not run_dir.is_dir() or (around / "run.json").is_file():
                 run_dir = around
+            if "train.run_name" in self.explicit and t.run_name not in (info["run_name"], run_dir.name):
+                raise UserError(f"--resume continues the run {info['run_name']} ({run_dir}), not --run-name "
+                                f"{t.run_name}. Drop --run-name, or start {t.run_name} as a new run without --resume.")
+            t.run_name = info["run_name"]
+            self.run_id = info["run_id"]
         else:
             t.run_name = t.run_name or new_run_name()
             self.run_id = new_run_id()
@@ -353,7 +371,7 @@ class Trainer:
                         with prof.range("data"):
                             x, y = prefetch.get(step, micro)
                         timer.lap("data")
-                        with gradient_sync(self.model, sync=micro == accum - 1):  # DDP: reduce once per step
+                        with gradient_sync(self.model, sync=micro == accum - 1):  # replicas reduce once per step
                             with prof.range("forward"), self.autocast():
                                 loss = self.model(x, y)
                             loss_acc.add(loss)
@@ -560,9 +578,6 @@ class Trainer:
         if self.device.type == "cuda" and rng_cuda is not None and rng_cuda.numel():
             torch.cuda.set_rng_state(rng_cuda.cpu(), self.device)
         self.console.print(f"resumed from {ckpt.path} (step {ckpt.step})")
-        if ckpt.step >= self.cfg.train.num_steps:
-            self.console.warn(f"the checkpoint is at step {ckpt.step}, which already reaches --num-steps "
-                              f"{self.cfg.train.num_steps}: nothing to train. Pass a larger --num-steps.")
         return ckpt.step, int(ckpt.info.get("tokens_seen", ckpt.step * self.tokens_per_step))
 
     def _samples_due(self, step: int, evaluated: bool) -> bool:
