@@ -116,6 +116,9 @@ def test_one_owner_of_run_files_and_global_metrics(runs):
         assert r["global_tokens_per_sec"] == pytest.approx(tokens_per_step / r["perf/step_time"], rel=1e-6)
     env = json.loads((d / "environment.json").read_text())
     assert env["world_size"] == 2
+    for r in train_rows:  # MFU: the global throughput against the peak of both processes
+        assert r["perf/mfu"] == pytest.approx(
+            env["mfu"]["flops_per_token"] * r["global_tokens_per_sec"] / (env["mfu"]["peak_flops"] * 2), rel=1e-6)
     out = runs["procs"]["ddp2"].stdout
     assert out.count("done: 20 steps") == 1 and out.count("step     20/20 | loss") == 1
     assert "4 per micro-batch × 2 accumulation × 2 data-parallel" in out  # --grad-accum-steps 4 over 2 ranks

@@ -98,6 +98,9 @@ def test_schedules():
     assert lr_at(10, cfg, 100) == pytest.approx(1.0)
     assert lr_at(55, cfg, 100) == pytest.approx(0.55)
     assert lr_at(100, cfg, 100) == pytest.approx(0.1)
+    cfg.lr_scheduler = "linear"
+    assert lr_at(55, cfg, 100) == pytest.approx(0.55)
+    assert lr_at(100, cfg, 100) == pytest.approx(0.1)
     cfg.lr_scheduler = "constant"
     assert lr_at(99, cfg, 100) == 1.0
     cfg.lr_scheduler = "wsd"

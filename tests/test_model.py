@@ -83,6 +83,14 @@ def test_kv_cache_generation_matches_full_recompute():
     assert greedy == generate(model, prompt, 25, temperature=0, use_cache=False)
 
 
+@pytest.mark.parametrize("knobs", [{"temperature": 1.0, "top_k": 1}, {"temperature": 1e-4, "top_k": None}])
+def test_sampling_narrows_to_greedy_at_top_k_1_or_near_zero_temperature(knobs):
+    torch.manual_seed(0)
+    model = GPT(small()).eval()
+    greedy = generate(model, [5, 17, 3], 20, temperature=0)
+    assert generate(model, [5, 17, 3], 20, generator=torch.Generator().manual_seed(1), **knobs) == greedy
+
+
 def test_kv_cache_logits_match_prefix_logits():
     torch.manual_seed(0)
     model = GPT(small()).eval()

@@ -43,7 +43,10 @@ def test_training_writes_a_self_explaining_run_folder(byte_dataset, tmp_path):
     val_rows = [r for r in rows if "val/loss" in r]
     assert [r["step"] for r in val_rows] == [6, 12]
     assert val_rows[-1]["val/ppl"] == pytest.approx(math.exp(val_rows[-1]["val/loss"]), rel=1e-6)
-    assert C.latest_checkpoint(d / "checkpoints").step == 12
+    ckpt = C.latest_checkpoint(d / "checkpoints")
+    assert ckpt.step == 12
+    # the schedule reaches the optimizer: it ran the last step at the logged learning rate
+    assert {g["lr"] for g in ckpt.load_train_state()["optimizer"]["param_groups"]} == {train_rows[-1]["lr"]}
     assert res.sample is not None
 
 
@@ -67,9 +70,77 @@ def test_logged_loss_is_mean_over_micro_batches(byte_dataset, tmp_path):
     assert logged == pytest.approx(sum(losses) / len(losses), rel=1e-5)
 
 
+def test_accumulated_micro_batches_equal_one_larger_batch(byte_dataset, tmp_path):
+    # Batch 8 in one micro-batch and batch 4 × 2 micro-batches read the same windows: the gradient (and so
+    # its logged norm, which AdamW's scale invariance would otherwise hide) must be the same.
+    rows = {}
+    for batch, accum in ((8, 1), (4, 2)):
+        res = run(byte_dataset, tmp_path, **{"train.run_name": f"b{batch}", "train.batch_size": batch,
+                                              "train.grad_accum_steps": accum, "train.num_steps": 4,
+                                              "train.log_every": 1, "train.eval_every": 0})
+        rows[batch] = {r["step"]: r for r in metrics(res.run_dir) if "train/loss" in r}
+    assert sorted(rows[8]) == sorted(rows[4]) == [1, 2, 3, 4]
+    for step, one in rows[8].items():
+        two = rows[4][step]
+        assert two["train/grad_norm"] == pytest.approx(one["train/grad_norm"], rel=1e-4), step
+        assert two["train/loss"] == pytest.approx(one["train/loss"], rel=1e-4), step
+
+
+def test_gradient_clipping_bounds_the_update(byte_dataset, tmp_path):
+    # With eps 1 (much larger than these gradients' square roots) AdamW's step is ~lr·g, so the norm the
+    # gradient is clipped to bounds how far any weight moves: two steps of lr 1 at most 2·lr·clip each.
+    from gptrain.model import GPT, ModelConfig
+
+    moved = {}
+    for clip in (0.0, 1e-3):  # 0: no clipping
+        res = run(byte_dataset, tmp_path, **{"train.run_name": f"clip{clip}", "train.num_steps": 2,
+                                              "train.eval_every": 0, "optim.grad_clip": clip, "optim.eps": 1.0,
+                                              "optim.lr": 1.0, "optim.warmup_steps": 0, "optim.weight_decay": 0.0,
+                                              "optim.lr_scheduler": "constant"})
+        ckpt = C.latest_checkpoint(res.run_dir / "checkpoints")
+        torch.manual_seed(ckpt.info["config"]["train"]["seed"])  # the trainer's initialisation, again
+        start = GPT(ModelConfig(**ckpt.info["config"]["model"])).state_dict()
+        end = ckpt.load_model_state()
+        moved[clip] = max((end[k] - start[k]).abs().max().item() for k in end)
+    assert moved[1e-3] < 2 * 1e-3
+    assert moved[0.0] > 10 * moved[1e-3]
+
+
+def test_logged_val_loss_is_the_loss_on_the_val_split(byte_dataset, tmp_path):
+    # Recomputed here from val.bin with the final weights, and by `gptrain eval`'s function.
+    import numpy as np
+
+    from gptrain.evaluate import evaluate_checkpoint
+    from gptrain.model import GPT, ModelConfig
+
+    res = run(byte_dataset, tmp_path, **{"train.run_name": "v", "train.num_steps": 4, "train.eval_every": 4})
+    logged = [r for r in metrics(res.run_dir) if "val/loss" in r][-1]
+    ckpt = C.latest_checkpoint(res.run_dir / "checkpoints")
+    model = GPT(ModelConfig(**ckpt.info["config"]["model"])).eval()
+    model.load_state_dict(ckpt.load_model_state())
+    val = np.fromfile(byte_dataset / "val.bin", dtype=np.uint16).astype(np.int64)
+    windows = 512 // 32  # --eval-tokens 512 at context 32
+    rows = torch.from_numpy(np.stack([val[i * 32 : i * 32 + 33] for i in range(windows)]))
+    with torch.no_grad():
+        loss = model(rows[:, :-1], rows[:, 1:]).item()
+    assert logged["step"] == 4 and logged["val/tokens"] == windows * 32
+    assert logged["val/loss"] == pytest.approx(loss, rel=1e-5)
+    evaluated = evaluate_checkpoint(str(res.run_dir), device="cpu")
+    assert evaluated["tokens"] == logged["val/tokens"]
+    assert evaluated["loss"] == pytest.approx(logged["val/loss"], rel=1e-6)
+
+
+def test_training_keeps_the_last_n_checkpoints(byte_dataset, tmp_path):
+    res = run(byte_dataset, tmp_path, **{"train.run_name": "p", "train.save_every": 2, "train.keep_last": 2,
+                                          "train.eval_every": 0})
+    assert [p.name for p in C.list_checkpoints(res.run_dir / "checkpoints")] == ["step_0000010", "step_0000012"]
+
+
 def test_resume_is_bitwise_exact(byte_dataset, tmp_path):
-    # 12 straight steps, saving at 6 and 12; then resume the same 12-step schedule from step 6.
-    straight = run(byte_dataset, tmp_path, **{"train.run_name": "r", "train.num_steps": 12, "train.save_every": 6})
+    # 12 straight steps, saving at 6 and 12; then resume the same 12-step schedule from step 6. Dropout
+    # draws from the RNG every step, so the checkpoint's RNG state must be restored too.
+    straight = run(byte_dataset, tmp_path, **{"train.run_name": "r", "train.num_steps": 12, "train.save_every": 6,
+                                              "model.dropout": 0.1})
     ckpts = straight.run_dir / "checkpoints"
     final_straight = C.latest_checkpoint(ckpts).load_model_state()
     losses_straight = {r["step"]: r["train/loss"] for r in metrics(straight.run_dir) if "train/loss" in r}
@@ -142,6 +213,18 @@ def test_kill_during_save_leaves_previous_checkpoint_usable(byte_dataset, tmp_pa
     again = run(byte_dataset, tmp_path, **{"train.run_name": "k", "train.num_steps": 6, "train.resume": "latest"})
     assert again.final_step == 6 and C.latest_checkpoint(ckpts).step == 6
 
+    # Re-saving a step that exists (a resume from an earlier checkpoint) and dying half-way through
+    # leaves the complete copy in place.
+    calls["n"] = 0
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(SystemExit):
+        run(byte_dataset, tmp_path, **{"train.resume": str(ckpts / "step_0000004"), "train.num_steps": 6,
+                                       "train.save_every": 6, "train.eval_every": 0})
+    monkeypatch.setattr(torch, "save", real_save)
+    latest = C.latest_checkpoint(ckpts)
+    assert latest.step == 6
+    latest.load_model_state(), latest.load_train_state()  # both load: neither is the half-written one
+
 
 def test_sigterm_saves_and_exits_cleanly(byte_dataset, tmp_path):
     cmd = [sys.executable, "-m", "gptrain", "train", "--data", str(byte_dataset), "--runs-dir", str(tmp_path),
@@ -176,6 +259,8 @@ def test_changing_num_steps_on_resume_extends_the_schedule(byte_dataset, tmp_pat
     res = run(byte_dataset, tmp_path, **{"train.run_name": "ext", "train.num_steps": 8, "train.resume": "latest"})
     cfg = json.loads((res.run_dir / "config.json").read_text())
     assert res.final_step == 8 and cfg["train"]["num_steps"] == 8
+    tokens = {r["step"]: r["train/tokens_seen"] for r in metrics(res.run_dir) if "train/loss" in r}
+    assert tokens == {s: s * 4 * 32 for s in (2, 4, 6, 8)}  # the count goes on from the checkpoint's
 
 
 def test_dataset_vocab_larger_than_model_is_an_error(byte_dataset, tmp_path):

@@ -78,15 +78,15 @@ class TrainBatches:
         return step * self.layout.global_batch / self.num_windows
 
     def rows(self, step: int, micro_step: int, pin_memory: bool = False) -> torch.Tensor:
-        """This rank's windows, (micro_batch, seq_len + 1) int64, in page-locked memory if asked."""
+        """This rank's windows, (micro_batch, seq_len + 1) int64, copied to page-locked memory if asked."""
         positions = self.window_ids(step, micro_step)
-        rows = torch.empty((len(positions), self.seq_len + 1), dtype=torch.int64, pin_memory=pin_memory)
-        out = rows.numpy()
+        rows = np.empty((len(positions), self.seq_len + 1), dtype=np.int64)
         for i, pos in enumerate(positions):
             epoch, offset = divmod(int(pos), self.num_windows)
             start = int(self.permutation(epoch)[offset]) * self.seq_len
-            out[i] = self.tokens[start : start + self.seq_len + 1]
-        return rows
+            rows[i] = self.tokens[start : start + self.seq_len + 1]
+        batch = torch.from_numpy(rows)
+        return batch.pin_memory() if pin_memory else batch
 
     def get(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         return inputs_and_targets(self.rows(step, micro_step))
@@ -117,10 +117,10 @@ def eval_rows(tokens: np.ndarray, seq_len: int, window_ids: range | list[int]) -
 class DevicePrefetcher:
     """Moves the batches of the coming micro-steps to the device ahead of use.
 
-    On CUDA the host batch is read straight into pinned memory and copied with one non-blocking
-    copy, issued one micro-step early so it overlaps the current forward/backward; inputs and
-    targets are views of the copy on the device. (Copying the two strided host views instead would
-    make CUDA stage each through a pageable contiguous temporary.) On CPU it is a pass-through.
+    On CUDA the host batch is pinned as one block and moved with one non-blocking copy, issued one
+    micro-step early so it overlaps the current forward/backward; inputs and targets are views of
+    the copy on the device. (Copying the two strided host views instead would make CUDA stage each
+    through a pageable contiguous temporary.) On CPU it is a pass-through.
     """
 
     def __init__(self, source: TrainBatches, device: torch.device, grad_accum: int):
