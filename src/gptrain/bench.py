@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gptrain.config import Config, all_paths, build_config
+from gptrain.config import Config, TrackingConfig, all_paths, build_config, flag_of
 from gptrain.errors import UserError
 
 # Named configurations: the settings the issue's targets are stated for. Flags given on the
@@ -69,6 +69,75 @@ VARIANTS = {  # name → settings on top of the configuration
     "ac": {"train.compile": False, "parallel.ac": "full"},
     "compile+ac": {"train.compile": True, "parallel.ac": "full"},
 }
+
+
+# Settings a benchmark decides itself: the data (random tokens), the step counts (--windows,
+# --window-steps), and no evaluation, checkpoints, samples or trackers. Everything else of
+# `gptrain train` (model, optimizer, batch, device, precision, compile, attention backend,
+# layout, activation checkpointing, profiler) is honoured.
+BENCH_OWN_TRAIN = ("train.num_steps", "train.eval_every", "train.eval_tokens", "train.log_every", "train.save_every",
+                   "train.keep_last", "train.runs_dir", "train.run_name", "train.checkpoint_dir", "train.resume",
+                   "train.sample_prompt", "train.sample_tokens", "train.progress")
+
+
+def bench_ignores(path: str) -> bool:
+    """True for a training setting that `gptrain bench` overrides (so giving it would do nothing)."""
+    section = path.split(".", 1)[0]
+    return path in BENCH_OWN_TRAIN or section == "tracking" or (section == "data" and path != "data.seq_len")
+
+
+def refuse_ignored_flags(overrides: dict[str, Any]) -> None:
+    given = [flag_of(p) for p in overrides if bench_ignores(p)]
+    if given:
+        raise UserError(f"gptrain bench runs the training loop on synthetic data, with its own step counts "
+                        f"(--windows, --window-steps) and no evaluation, checkpoints or trackers, so "
+                        f"{', '.join(given)} would be ignored. Drop {'them' if len(given) > 1 else 'it'}.")
+
+
+def note_ignored_file_settings(from_file: set[str], toml: str | None) -> None:
+    """A --config file may be a training file, given for its model: its other settings are named, not refused."""
+    ignored = sorted(p for p in from_file if bench_ignores(p))
+    if ignored:
+        print(f"note: bench ignores these settings of {toml}: {', '.join(ignored)} (synthetic data, its own "
+              "step counts)", file=sys.stderr)
+
+
+def check_measurement_options(args) -> None:
+    """Bench's own flags, checked before anything runs."""
+    if args.windows < 1 or args.warmup_windows < 0:
+        raise UserError("--windows must be ≥ 1 and --warmup-windows ≥ 0.")
+    for name, value in [("window-steps", args.window_steps), ("matmul-size", args.matmul_size),
+                        ("nproc", args.nproc)]:
+        if value is not None and value < 1:
+            raise UserError(f"--{name} must be at least 1, got {value}.")
+
+
+def default_window_steps(device: torch.device) -> int:
+    return 10 if device.type == "cuda" else 2
+
+
+def check_profile_fits(cfg: Config, windows: int, window_steps: int, warmup_windows: int) -> None:
+    """The profiler's cycle must end within the benchmark's steps (train's own check names --num-steps)."""
+    p = cfg.profile
+    steps, cycle = (warmup_windows + windows) * window_steps, p.wait + p.warmup + p.active
+    if p.enabled and steps < cycle:
+        raise UserError(f"--use-profiler needs {cycle} steps for one profiling cycle (--profile-wait {p.wait} + "
+                        f"--profile-warmup {p.warmup} + --profile-active {p.active}), but the benchmark runs "
+                        f"{steps} ((--warmup-windows {warmup_windows} + --windows {windows}) × --window-steps "
+                        f"{window_steps}). Raise --windows or --window-steps, or lower the profile settings.")
+
+
+def prepare_json_path(path: str | None) -> None:
+    """Create --json's folder now: a missing one would only show after the whole benchmark ran."""
+    if not path:
+        return
+    out = Path(path)
+    if out.is_dir():
+        raise UserError(f"--json {out} is a folder; give a file path such as {out / 'bench.json'}.")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--json {out}: cannot create its folder ({e.strerror or e}). Choose another path.") from None
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -157,9 +226,10 @@ def run_benchmark(cfg: Config, explicit: set[str], *, windows: int = 5, window_s
         raise UserError("--windows must be ≥ 1 and --warmup-windows ≥ 0.")
     device = resolve_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
     if window_steps is None:
-        window_steps = 10 if device.type == "cuda" else 2
+        window_steps = default_window_steps(device)
     if matmul_size is None:
         matmul_size = 8192 if device.type == "cuda" else 4096
+    check_profile_fits(cfg, windows, window_steps, warmup_windows)
     t = cfg.train
     t.num_steps = (warmup_windows + windows) * window_steps
     t.log_every = window_steps
@@ -171,9 +241,8 @@ def run_benchmark(cfg: Config, explicit: set[str], *, windows: int = 5, window_s
     t.resume = None
     t.checkpoint_dir = None
     if "tracking.sample_every" in all_paths():
-        cfg.tracking.sample_every = 0
-        cfg.tracking.trackers = ["jsonl"]
-        cfg.tracking.use_wandb = False
+        # Every tracking setting back to its default (a --config file's W&B settings included): metrics.jsonl only.
+        cfg.tracking = TrackingConfig(sample_every=0)
     if cfg.data.seq_len is None:
         cfg.data.seq_len = cfg.model.max_position_embeddings
     with tempfile.TemporaryDirectory(prefix="gptrain-bench-") as tmp:
@@ -364,6 +433,7 @@ def machine_line(results: list[dict[str, Any]]) -> str:
 # ---------------------------------------------------------------------------------------- command
 def cmd_bench(args, overrides: dict[str, Any]) -> int:
     """Entry point of `gptrain bench` (parsing lives in cli.py)."""
+    check_measurement_options(args)
     if args.bench_overrides:  # settings handed down by the parent, exactly (e.g. compile off over a TOML's on)
         overrides = {**overrides, **json.loads(args.bench_overrides)}
     if args.result_json:  # a child: one run, result to a file
@@ -382,9 +452,14 @@ def cmd_bench(args, overrides: dict[str, Any]) -> int:
         if v is not None and "parallel.ac" in VARIANTS[v] and "parallel.ac" not in all_paths():
             raise UserError(f"variant '{v}' needs activation checkpointing, which this build does not have.")
     nprocs = list(range(1, args.nproc + 1)) if args.nproc else [None]
-    if args.nproc is not None and args.nproc < 1:
-        raise UserError(f"--nproc must be at least 1, got {args.nproc}.")
+    refuse_ignored_flags(overrides)
     cfg, explicit = bench_config(overrides, args.config, args.named)  # validates the settings up front
+    note_ignored_file_settings(explicit - set(overrides), args.config)
+    from gptrain.distributed import resolve_device
+
+    window_steps = args.window_steps or default_window_steps(resolve_device(cfg.train.device))
+    check_profile_fits(cfg, args.windows, window_steps, args.warmup_windows)
+    prepare_json_path(args.json)
     results: list[dict[str, Any]] = []
     if variants == [None] and nprocs == [None]:
         results.append(run_benchmark(cfg, explicit, windows=args.windows, window_steps=args.window_steps,

@@ -20,18 +20,30 @@ TRAIN_DESCRIPTION = """Train a GPT. With no arguments: trains the `tiny` model o
 source files (tokenized with a freshly trained BPE), on CPU in a few minutes."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error (a bad choice, a missing value) is one line like every other error,
+    not the whole usage text first."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise UserError(f"{message}. See `{self.prog} --help`.")
+
+
 def _flag_dest(path: str) -> str:
     return "cfg__" + path.replace(".", "__")
 
 
-def add_config_options(parser: argparse.ArgumentParser) -> None:
-    """One flag group per setting section; defaults are SUPPRESS so only given flags override."""
+def add_config_options(parser: argparse.ArgumentParser, hidden=lambda path: False) -> None:
+    """One flag group per setting section; defaults are SUPPRESS so only given flags override.
+
+    `hidden(path)`: settings left out of --help (still parsed, so that the command can refuse them by name).
+    """
     groups: dict[str, argparse._ArgumentGroup] = {}
     for opt in OPTIONS:
         section = opt.path.split(".")[0]
         group = groups.setdefault(section, parser.add_argument_group(f"{section} settings"))
         t = field_type(opt.path)
-        kwargs: dict[str, Any] = dict(dest=_flag_dest(opt.path), default=argparse.SUPPRESS, help=opt.help)
+        kwargs: dict[str, Any] = dict(dest=_flag_dest(opt.path), default=argparse.SUPPRESS,
+                                      help=argparse.SUPPRESS if hidden(opt.path) else opt.help)
         if t is bool:
             group.add_argument(*opt.flags, action="store_const", const=True, **kwargs)
             if opt.negate:
@@ -104,13 +116,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------- bench
 def build_bench_parser(sub) -> argparse.ArgumentParser:
-    from gptrain.bench import NAMED_CONFIGS, VARIANTS
+    from gptrain.bench import NAMED_CONFIGS, VARIANTS, bench_ignores
 
     p = sub.add_parser("bench", allow_abbrev=False, help="training tokens/s, MFU and memory on this machine",
                        description="Time the training loop (gptrain train's own, on random tokens) after a warm-up, "
                        "as the median of several windows, next to the throughput of a large matrix product in the "
                        "training precision; print tokens/s, step time, MFU and peak memory. Takes gptrain train's "
-                       "model, batch, device, precision and --compile flags.")
+                       "model, optimizer, batch, device, precision, compile, layout and profiler flags.")
     p.add_argument("--named", choices=tuple(NAMED_CONFIGS), default=None,
                    help="a named configuration (flags override it): " + ", ".join(NAMED_CONFIGS))
     p.add_argument("--variants", nargs="+", metavar="VARIANT", default=None,
@@ -131,7 +143,7 @@ def build_bench_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--bench-overrides", help=argparse.SUPPRESS)  # child mode: settings as JSON
     p.add_argument("--no-amp", action="store_const", const="fp32", dest="cfg__train__precision",
                    default=argparse.SUPPRESS, help="fp32 (same as --precision fp32)")
-    add_config_options(p)
+    add_config_options(p, hidden=bench_ignores)
     return p
 
 
@@ -193,11 +205,25 @@ def build_generate_parser(sub) -> argparse.ArgumentParser:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from gptrain.generate import generate, load_trained_model
+    from gptrain.generate import generate, load_trained_model, tokens_that_fit
 
+    for name, value in [("max-new-tokens", args.max_new_tokens), ("num-samples", args.num_samples),
+                        ("top-k", args.top_k)]:
+        if value < 1:
+            raise UserError(f"--{name} must be at least 1, got {value}.")
+    if args.temperature < 0:
+        raise UserError(f"--temperature must be ≥ 0 (0: greedy decoding), got {args.temperature:g}.")
     model, tokenizer, ckpt = load_trained_model(args.path, args.device)
     device = next(model.parameters()).device
     prompt_ids = tokenizer.encode(args.prompt)
+    context = model.cfg.max_position_embeddings
+    room = tokens_that_fit(context, len(prompt_ids))
+    if room < 1:
+        raise UserError(f"the prompt is {len(prompt_ids)} tokens, which fills the model's context ({context} "
+                        "tokens): no new token fits. Shorten the prompt.")
+    if args.max_new_tokens > room:
+        print(f"note: the model's context is {context} tokens and the prompt takes {max(1, len(prompt_ids))}, "
+              f"so at most {room} new tokens are generated (--max-new-tokens {args.max_new_tokens})", file=sys.stderr)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     for i in range(args.num_samples):
         new = generate(model, prompt_ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -220,6 +246,10 @@ def build_eval_parser(sub) -> argparse.ArgumentParser:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from gptrain.evaluate import evaluate_checkpoint
+
+    for name, value in [("eval-tokens", args.eval_tokens), ("batch-size", args.batch_size)]:
+        if value is not None and value < 1:
+            raise UserError(f"--{name} must be at least 1, got {value} (leave it out to use the run's own).")
 
     result = evaluate_checkpoint(args.path, data=args.data, eval_tokens=args.eval_tokens,
                                  batch_size=args.batch_size, device=args.device)
@@ -294,7 +324,7 @@ COMMANDS = {
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    parser = argparse.ArgumentParser(prog="gptrain", allow_abbrev=False, description="Pre-train GPT-style language models.")
+    parser = Parser(prog="gptrain", allow_abbrev=False, description="Pre-train GPT-style language models.")
     parser.add_argument("--version", action="version", version=f"gptrain {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers = {name: build(sub) for name, (build, _) in COMMANDS.items()}

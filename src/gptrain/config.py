@@ -202,7 +202,8 @@ OPTIONS: list[Option] = [
     Option("model.bias", ("--bias",), "biases in Linear and LayerNorm", negate="--no-bias"),
     Option("model.tie_embeddings", ("--tie-embeddings",), "LM head shares the token embedding",
            negate="--no-tie-embeddings"),
-    Option("model.pad_vocab_multiple", ("--pad-vocab-multiple",), "pad the embedding rows to a multiple of this"),
+    Option("model.pad_vocab_multiple", ("--pad-vocab-multiple",),
+           "pad the embedding rows to a multiple of this (1: no padding)"),
     # data
     Option("data.dataset", ("--data", "--dataset"), "a dataset directory made by `gptrain prepare`"),
     Option("data.train_files", ("--train-data",), "raw text files/dirs to train on (prepared into a cache)"),
@@ -242,7 +243,8 @@ OPTIONS: list[Option] = [
     Option("train.reuse_host_memory", ("--reuse-host-memory",),
            "CPU: keep freed tensor memory for reuse instead of faulting in new pages every step "
            "(default on; --no-reuse-host-memory: glibc's defaults)", negate="--no-reuse-host-memory"),
-    Option("train.eval_every", ("--eval-every", "--eval-steps"), "evaluate every N steps (and at the end)"),
+    Option("train.eval_every", ("--eval-every", "--eval-steps"),
+           "evaluate every N steps (and at the end; 0: at the end only)"),
     Option("train.eval_tokens", ("--eval-tokens",), "validation tokens per evaluation"),
     Option("train.log_every", ("--log-every",), "log every N steps"),
     Option("train.save_every", ("--save-every",), "checkpoint every N steps (0: at the end only)"),
@@ -252,7 +254,7 @@ OPTIONS: list[Option] = [
     Option("train.checkpoint_dir", ("--checkpoint-path", "--checkpoint-dir"),
            "where checkpoints go (default runs/<name>/checkpoints)"),
     Option("train.sample_prompt", ("--sample-prompt",), "prompt of the sample printed at the end"),
-    Option("train.sample_tokens", ("--sample-tokens",), "tokens to generate for that sample"),
+    Option("train.sample_tokens", ("--sample-tokens",), "tokens to generate for that sample (0: no sample)"),
     Option("train.progress", ("--progress",), "console display", choices=("auto", "bar", "plain")),
     # experiment tracking
     Option("tracking.trackers", ("--trackers",), "trackers to run besides metrics.jsonl: wandb, tensorboard "
@@ -338,6 +340,8 @@ def coerce(path: str, value: Any) -> Any:
             if str(value).lower() in ("0", "false", "no", "off"):
                 return False
             raise ValueError(value)
+        if t in (int, float) and isinstance(value, bool):
+            raise ValueError(value)  # int(True) would be 1: `n_layers = true` is a typo, not a 1-layer model
         if t is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
@@ -349,7 +353,8 @@ def coerce(path: str, value: Any) -> Any:
         if typing.get_origin(t) is list:
             return [str(v) for v in (value if isinstance(value, list) else [value])]
     except (TypeError, ValueError):
-        raise UserError(f"setting '{path}' expects {getattr(t, '__name__', t)}, got {value!r}.") from None
+        shown = json.dumps(value) if isinstance(value, bool) else repr(value)  # TOML's spelling: true, not True
+        raise UserError(f"setting '{path}' expects {getattr(t, '__name__', t)}, got {shown}.") from None
     return value
 
 
@@ -407,7 +412,34 @@ def build_config(overrides: dict[str, Any], toml_path: str | None = None) -> tup
         set_path(cfg, path, value)
     if cfg.model.d_ff is None:
         cfg.model.d_ff = 4 * cfg.model.d_model
+    check_data_source(cfg, set(explicit))
     return cfg, set(explicit)
+
+
+def flag_of(path: str) -> str:
+    """The command-line flag of a setting (its first name), for messages."""
+    return next((o.flags[0] for o in OPTIONS if o.path == path), path)
+
+
+# How raw text becomes tokens: fixed once and for all in a prepared dataset (its meta.json).
+RAW_DATA_PATHS = ("data.train_files", "data.val_files", "data.use_toy_data", "data.tokenizer", "data.val_fraction",
+                  "data.max_tokens", "data.text_field", "data.line_docs")
+
+
+def check_data_source(cfg: Config, explicit: set[str]) -> None:
+    """--data names a prepared dataset: settings that would prepare raw text must not be given with it.
+
+    Checked on the explicit settings, not the values: a resumed raw-text run gets its dataset folder
+    from the checkpoint and keeps its raw settings in the config, which is not a contradiction.
+    """
+    if not cfg.data.dataset or "data.dataset" not in explicit:
+        return
+    given = [flag_of(p) for p in RAW_DATA_PATHS if p in explicit]
+    if given:
+        raise UserError(f"--data {cfg.data.dataset} is a prepared dataset (its tokenizer and validation split were "
+                        f"fixed by `gptrain prepare`), so {', '.join(given)} would be ignored. Drop "
+                        f"{'them' if len(given) > 1 else 'it'}, or drop --data to prepare raw files with "
+                        "--train-data instead.")
 
 
 def validate(cfg: Config) -> None:
@@ -422,6 +454,10 @@ def validate(cfg: Config) -> None:
             raise UserError(f"model.{name} must be a positive integer, got {value}.")
     if not 0.0 <= m.dropout < 1.0:
         raise UserError(f"--dropout must be in [0, 1), got {m.dropout}.")
+    if m.pad_vocab_multiple < 1:
+        raise UserError(f"--pad-vocab-multiple must be at least 1 (1: no padding), got {m.pad_vocab_multiple}.")
+    if cfg.data.use_toy_data and cfg.data.train_files:
+        raise UserError("--use-toy-data and --train-data both choose the training text. Pass one of them.")
     seq_len = cfg.data.seq_len
     if seq_len is not None and seq_len > m.max_position_embeddings:
         raise UserError(f"--seq-len {seq_len} is longer than the model's context ({m.max_position_embeddings} "
@@ -436,8 +472,12 @@ def validate(cfg: Config) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
     if t.eval_tokens < 1:
         raise UserError(f"--eval-tokens must be at least 1, got {t.eval_tokens}.")
-    if o.lr <= 0:
-        raise UserError(f"--lr must be positive, got {o.lr}.")
+    for name, value, zero in [("eval_every", t.eval_every, "at the end only"),
+                              ("save_every", t.save_every, "at the end only"),
+                              ("sample_tokens", t.sample_tokens, "no sample")]:
+        if value < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be ≥ 0 (0: {zero}), got {value}.")
+    validate_optim(o)
     if o.warmup_steps < 0:
         raise UserError(f"--warmup-steps must be ≥ 0, got {o.warmup_steps}.")
     if not 0.0 <= o.decay_fraction <= 1.0:
@@ -451,6 +491,24 @@ def validate(cfg: Config) -> None:
     if t.attention_backend not in ATTENTION_BACKENDS:
         raise UserError(f"unknown --attention-backend '{t.attention_backend}'. Choose "
                         f"{', '.join(ATTENTION_BACKENDS[:-1])} or {ATTENTION_BACKENDS[-1]}.")
+
+
+def validate_optim(o: OptimConfig) -> None:
+    if o.lr <= 0:
+        raise UserError(f"--lr must be positive, got {o.lr}.")
+    if o.min_lr is not None and not 0.0 <= o.min_lr <= o.lr:
+        problem = "is negative" if o.min_lr < 0 else f"is above --lr ({o.lr:g})"
+        raise UserError(f"--min-lr {o.min_lr:g} {problem}; use a value between 0 and --lr ({o.lr:g}).")
+    for name, value in [("beta1", o.beta1), ("beta2", o.beta2)]:
+        if not 0.0 <= value < 1.0:
+            raise UserError(f"--{name} must be in [0, 1), got {value:g} (AdamW's defaults: --beta1 0.9 "
+                            "--beta2 0.95).")
+    if o.eps <= 0:
+        raise UserError(f"--adam-eps must be positive, got {o.eps:g} (default 1e-8).")
+    if o.weight_decay < 0:
+        raise UserError(f"--weight-decay must be ≥ 0 (0: no decay), got {o.weight_decay:g}.")
+    if o.grad_clip < 0:
+        raise UserError(f"--grad-clip must be ≥ 0 (0: no clipping), got {o.grad_clip:g}.")
 
 
 def largest_divisor(n: int, at_most: int) -> int:
@@ -474,6 +532,9 @@ def validate_tracking(tr: TrackingConfig) -> None:
                         "or upload.")
     if tr.sample_every is not None and tr.sample_every < 0:
         raise UserError(f"--sample-every must be ≥ 0 (0: never), got {tr.sample_every}.")
+    if tr.sample_tokens < 1:
+        raise UserError(f"--sample-new-tokens must be at least 1, got {tr.sample_tokens}. To log no text samples, "
+                        "use --sample-every 0.")
     if tr.wandb_init_timeout <= 0:
         raise UserError(f"--wandb-init-timeout must be positive, got {tr.wandb_init_timeout}.")
 
@@ -498,3 +559,10 @@ def validate_parallel(cfg: Config) -> None:
             raise UserError(f"--profile-{name} must be ≥ 0, got {value}.")
     if pr.active < 1:
         raise UserError(f"--profile-active must be at least 1, got {pr.active}.")
+    cycle = pr.wait + pr.warmup + pr.active
+    if pr.enabled and cfg.train.num_steps < cycle:
+        # A cut-short cycle records nothing, or a partial cycle averaged as if it were whole.
+        raise UserError(f"--use-profiler needs {cycle} steps for one profiling cycle (--profile-wait {pr.wait} + "
+                        f"--profile-warmup {pr.warmup} + --profile-active {pr.active}), but --num-steps is "
+                        f"{cfg.train.num_steps}. Raise --num-steps to at least {cycle}, or lower --profile-wait "
+                        "and --profile-warmup.")

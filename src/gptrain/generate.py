@@ -32,7 +32,7 @@ def generate(
     context = model.cfg.max_position_embeddings
     vocab = model.cfg.vocab_size
     ids = list(prompt_ids)[-context:] or [stop_id if stop_id is not None else 0]
-    max_new_tokens = min(max_new_tokens, context - len(ids))
+    max_new_tokens = min(max_new_tokens, tokens_that_fit(context, len(prompt_ids)))
     was_training = model.training
     model.eval()
     cache = model.new_kv_cache(1, device=device, dtype=next(model.parameters()).dtype) if use_cache else None
@@ -58,6 +58,12 @@ def generate(
         x = torch.tensor([[nxt]], device=device) if use_cache else torch.tensor([ids], device=device)
     model.train(was_training)
     return new
+
+
+def tokens_that_fit(context: int, prompt_len: int) -> int:
+    """New tokens `generate` can add: the context minus the prompt (its last `context` tokens; an empty
+    prompt starts from one end-of-text token)."""
+    return context - min(max(prompt_len, 1), context)
 
 
 def load_trained_model(path: str, device: str = "auto"):

@@ -31,6 +31,17 @@ def _series(history: list[dict[str, Any]], key: str, x: str) -> tuple[list[float
     return xs, ys
 
 
+def check_image_suffix(out: Path) -> None:
+    """matplotlib picks the format from the suffix: check it before any work (no suffix: it would add .png)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    if out.suffix.lstrip(".").lower() not in formats:
+        what = f"a .{out.suffix.lstrip('.')} image" if out.suffix else "an image without a suffix"
+        raise UserError(f"-o {out}: matplotlib cannot write {what}. Name the file with one of its formats: "
+                        f"{', '.join(formats)} (e.g. -o {out.with_suffix('.png')}).")
+
+
 def plot_runs(run_dirs: list[str | Path], out: str | Path, x: str = "steps") -> dict[str, int]:
     """Write the figure to `out`; returns the number of curves drawn per panel (one per run with data)."""
     try:
@@ -42,6 +53,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, x: str = "steps") -> 
         raise UserError("gptrain plot needs matplotlib. Install it with: pip install 'gptrain[plot]'") from None
     if x not in ("steps", "tokens"):
         raise UserError(f"--x must be steps or tokens, got {x!r}.")
+    check_image_suffix(Path(out))
     runs = []
     for d in run_dirs:
         d = Path(d)
