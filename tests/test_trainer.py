@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import fast_overrides
+from conftest import fast_overrides, make_corpus
 
 from gptrain import checkpoint as C
 from gptrain.config import build_config
@@ -176,6 +176,21 @@ def test_resume_refuses_what_it_cannot_continue_and_touches_nothing(byte_dataset
         run(bpe, tmp_path, **{"train.resume": ckpt, "train.num_steps": 4})
     assert {name: (res.run_dir / name).read_bytes() for name in before} == before
     assert not (tmp_path / "other").exists()
+
+
+def test_resume_goes_on_with_raw_text_given_now(byte_dataset, tmp_path, monkeypatch):
+    # Continued pre-training on new text: --train-data given on resume is prepared and trained on, not
+    # ignored in favour of the checkpoint's dataset.
+    monkeypatch.setenv("GPTRAIN_CACHE", str(tmp_path / "cache"))
+    run(byte_dataset, tmp_path, **{"train.run_name": "more", "train.num_steps": 2})
+    overrides = fast_overrides(byte_dataset, tmp_path, **{
+        "train.run_name": "more", "train.resume": "latest", "train.num_steps": 4,
+        "data.train_files": [str(make_corpus(tmp_path / "new_text", n_docs=30, seed=1))], "data.tokenizer": "byte"})
+    del overrides["data.dataset"]
+    res = train(*build_config(overrides))
+    assert res.final_step == 4
+    used = json.loads((res.run_dir / "environment.json").read_text())["dataset_dir"]
+    assert used.startswith(str(tmp_path / "cache")) and used != str(byte_dataset)
 
 
 def test_resume_from_corrupt_checkpoint_is_an_error(byte_dataset, tmp_path):

@@ -247,10 +247,6 @@ def build_eval_parser(sub) -> argparse.ArgumentParser:
 def cmd_eval(args: argparse.Namespace) -> int:
     from gptrain.evaluate import evaluate_checkpoint
 
-    for name, value in [("eval-tokens", args.eval_tokens), ("batch-size", args.batch_size)]:
-        if value is not None and value < 1:
-            raise UserError(f"--{name} must be at least 1, got {value} (leave it out to use the run's own).")
-
     result = evaluate_checkpoint(args.path, data=args.data, eval_tokens=args.eval_tokens,
                                  batch_size=args.batch_size, device=args.device)
     print(f"checkpoint {result['checkpoint']} (step {result['step']})")

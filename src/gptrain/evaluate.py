@@ -71,6 +71,9 @@ def evaluate_checkpoint(path: str, data: str | None = None, eval_tokens: int | N
     from gptrain.errors import UserError
     from gptrain.generate import load_trained_model
 
+    for name, value in [("eval-tokens", eval_tokens), ("batch-size", batch_size)]:
+        if value is not None and value < 1:
+            raise UserError(f"--{name} must be at least 1, got {value} (leave it out to use the run's own).")
     model, tokenizer, ckpt = load_trained_model(path, device)
     cfg = Config.from_dict(ckpt.info["config"])
     dataset = Path(data or ckpt.info["dataset_dir"])
@@ -87,7 +90,7 @@ def evaluate_checkpoint(path: str, data: str | None = None, eval_tokens: int | N
     val = open_tokens(dataset / "val.bin", meta["dtype"])
     dev = next(model.parameters()).device
     seq_len = cfg.data.seq_len or cfg.model.max_position_embeddings
-    loss, ppl, n = evaluate_loss(model, val, seq_len, eval_tokens or cfg.train.eval_tokens,
-                                 batch_size or cfg.train.batch_size, dev)
+    loss, ppl, n = evaluate_loss(model, val, seq_len, cfg.train.eval_tokens if eval_tokens is None else eval_tokens,
+                                 cfg.train.batch_size if batch_size is None else batch_size, dev)
     return {"checkpoint": str(ckpt.path), "step": ckpt.step, "dataset": str(dataset), "tokens": n,
             "loss": loss, "ppl": ppl}

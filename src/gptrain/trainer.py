@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from gptrain import checkpoint as ckpt_lib
-from gptrain.config import SHAPE_KEYS, Config, validate
+from gptrain.config import RAW_DATA_PATHS, SHAPE_KEYS, Config, validate
 from gptrain.console import RunConsole
 from gptrain.data.dataset import resolve_dataset
 from gptrain.data.loader import BatchLayout, DevicePrefetcher, TrainBatches, open_tokens
@@ -199,8 +199,11 @@ class Trainer:
 
     def _setup_data(self) -> None:
         cfg = self.cfg
-        if self.resume_from is not None and not cfg.data.dataset:
-            cfg.data.dataset = self.resume_from.info.get("dataset_dir")
+        if self.resume_from is not None and "data.dataset" not in self.explicit:
+            if self.explicit & set(RAW_DATA_PATHS):  # raw text given now: the resumed run goes on with it
+                cfg.data.dataset = None
+            elif not cfg.data.dataset:  # otherwise on the data it was trained on (a raw-text run's prepared cache)
+                cfg.data.dataset = self.resume_from.info.get("dataset_dir")
         if self.dist.enabled:  # rank 0 prepares raw data; the others wait for it (or for its error)
             self.dataset_dir = self._resolve_dataset_on_rank0(cfg)
         else:
