@@ -97,3 +97,14 @@ def test_unknown_toml_setting_suggests_the_closest(tmp_path, capsys):
 def test_module_entry_point_and_exit_code():
     proc = subprocess.run([sys.executable, "-m", "gptrain", "train", "--lrr", "1"], capture_output=True, text=True)
     assert proc.returncode == 2 and "Did you mean '--lr'?" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_help_lists_every_setting_flag_and_its_negation(capsys):
+    from gptrain.config import OPTIONS
+
+    with pytest.raises(SystemExit):
+        cli("train", "--help")
+    shown = capsys.readouterr().out
+    for opt in OPTIONS:
+        for flag in (*opt.flags, *([opt.negate] if opt.negate else [])):
+            assert f"{flag} " in shown or f"{flag}\n" in shown or f"{flag}," in shown, flag

@@ -22,13 +22,14 @@ def run(dataset, runs, **extra):
 
 @pytest.fixture(scope="module")
 def runs_dir(byte_dataset, tmp_path_factory):
-    """Four runs: finished, interrupted (SIGTERM-style stop after step 4), crashed (exception), killed."""
+    """Four runs: finished, interrupted (SIGTERM-style stop after step 5), crashed (exception in step 10),
+    killed. The stop and the crash fall between two log steps (every 2)."""
     d = tmp_path_factory.mktemp("runs")
     mp = pytest.MonkeyPatch()
     run(byte_dataset, d, **{"train.run_name": "done"})
     real_lr_at = trainer_mod.lr_at
 
-    mp.setattr(StopRequest, "requested", property(lambda self: self._steps_seen() >= 4), raising=False)
+    mp.setattr(StopRequest, "requested", property(lambda self: self._steps_seen() >= 5), raising=False)
     mp.setattr(StopRequest, "_steps_seen", lambda self: trainer_mod._test_step, raising=False)
     mp.setattr(StopRequest, "signal_name", "SIGTERM", raising=False)
 
@@ -42,7 +43,7 @@ def runs_dir(byte_dataset, tmp_path_factory):
     mp.undo()
 
     def crashing(step, *a, **k):
-        if step == 8:
+        if step == 9:
             raise RuntimeError("boom")
         return real_lr_at(step, *a, **k)
 
@@ -64,7 +65,9 @@ def test_runs_table_reports_status_and_numbers(runs_dir, capsys):
     table = {line.split()[0]: line.split() for line in lines[1:]}
     assert {name: row[1] for name, row in table.items()} == {"done": "finished", "stopped": "interrupted",
                                                             "crashed": "crashed", "killed": "crashed"}
-    assert [table[n][2] for n in ("done", "stopped", "crashed", "killed")] == ["12", "4", "8", "4"]
+    # steps done, not the last logged step (4 and 8 for the stopped and the crashed run)
+    assert [table[n][2] for n in ("done", "stopped", "crashed", "killed")] == ["12", "5", "9", "4"]
+    assert summarize_run(runs_dir / "stopped").tokens == 5 * 4 * 32
 
     done = summarize_run(runs_dir / "done")
     history = read_history(runs_dir / "done")
@@ -74,7 +77,7 @@ def test_runs_table_reports_status_and_numbers(runs_dir, capsys):
     assert table["done"][4] == f"{done.best_val_loss:.4f}" and table["done"][5] == f"{done.last_train_loss:.4f}"
     assert main(["runs", str(runs_dir), "--json"]) == 0
     as_json = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
-    assert as_json["crashed"]["steps"] == 8 and as_json["crashed"]["best_val_loss"] == pytest.approx(
+    assert as_json["crashed"]["steps"] == 9 and as_json["crashed"]["best_val_loss"] == pytest.approx(
         min(r["val/loss"] for r in read_history(runs_dir / "crashed") if "val/loss" in r))
 
 

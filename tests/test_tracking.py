@@ -7,12 +7,14 @@ account-less setup or a closed loopback port.
 import json
 import math
 import time
+from pathlib import Path
 
 import pytest
 from conftest import fast_overrides
 
 import gptrain.trainer as trainer_mod
 from gptrain.config import build_config
+from gptrain.errors import UserError
 from gptrain.sync import composed_history, inspect_segment, sync_run, wandb_cli, wandb_segments
 from gptrain.tracking import LossWatch, read_history, read_metrics
 from gptrain.trainer import train
@@ -152,6 +154,32 @@ def test_clean_resume_reattaches_without_rewind(byte_dataset, tmp_path):
     first, second = (inspect_segment(s.dir) for s in wandb_segments(tmp_path / "c"))
     assert second["branch_step"] is None and first["run_id"] == second["run_id"]
     assert [r["_step"] for r in composed_history(tmp_path / "c")] == [2, 4, 6, 8, 10, 12]
+
+
+def test_sync_takes_a_relative_run_folder_and_ends_a_stalled_upload_with_a_message(byte_dataset, tmp_path,
+                                                                                    monkeypatch):
+    import subprocess
+
+    import gptrain.sync as sync_mod
+
+    run(byte_dataset, tmp_path, **{"train.run_name": "s", "train.num_steps": 2, "tracking.use_wandb": True,
+                                   "tracking.wandb_mode": "offline", "tracking.sample_every": 0})
+    monkeypatch.chdir(tmp_path)
+    (segment,) = wandb_segments("s")  # as typed after `cd`: the wandb CLI runs elsewhere, so paths go absolute
+    assert segment.dir.is_absolute()
+    relative = Path("s") / segment.dir.relative_to(tmp_path / "s")
+    assert inspect_segment(relative)["run_id"] == json.loads(Path("s/run.json").read_text())["run_id"]
+
+    given = []
+
+    def stalled(*args, timeout=None):  # `wandb sync` with an API key but no network retries forever
+        given.append(args[-1])
+        raise subprocess.TimeoutExpired(args, timeout)
+
+    monkeypatch.setattr(sync_mod, "wandb_cli", stalled)
+    with pytest.raises(UserError, match=r"got no answer from W&B in 5 s\. .*run `gptrain sync s` again"):
+        sync_run("s", timeout=5, say=lambda line: None)
+    assert given == [str(segment.dir)]
 
 
 @pytest.mark.parametrize("case", ["no-api-key", "unreachable-server"])

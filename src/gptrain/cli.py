@@ -47,8 +47,10 @@ def add_config_options(parser: argparse.ArgumentParser, hidden=lambda path: Fals
         if t is bool:
             group.add_argument(*opt.flags, action="store_const", const=True, **kwargs)
             if opt.negate:
+                # listed in --help too: for settings that default to on it is the flag that does something
                 group.add_argument(opt.negate, action="store_const", const=False, dest=kwargs["dest"],
-                                   default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+                                   default=argparse.SUPPRESS,
+                                   help=argparse.SUPPRESS if hidden(opt.path) else f"turn off {opt.flags[0]}")
         elif typing.get_origin(t) is list or list in typing.get_args(t):
             group.add_argument(*opt.flags, nargs="+", metavar=opt.path.split(".", 1)[1].upper(), **kwargs)
         else:
@@ -295,14 +297,18 @@ def build_sync_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--project", help="upload into this W&B project instead of the recorded one")
     p.add_argument("--entity", help="upload into this W&B entity")
     p.add_argument("--include-online", action="store_true", help="also upload segments recorded online")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds one segment's upload may take before giving up (default 600)")
     return p
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
     from gptrain.sync import sync_run
 
+    if args.timeout <= 0:
+        raise UserError(f"--timeout must be positive, got {args.timeout:g}.")
     sync_run(args.run, dry_run=args.dry_run, project=args.project, entity=args.entity,
-             include_online=args.include_online)
+             include_online=args.include_online, timeout=args.timeout)
     return 0
 
 

@@ -73,7 +73,8 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, x: str = "steps") -> 
             xs, ys = _series(history, key, x)
             if not xs:
                 continue
-            style = {"marker": "o", "markersize": 3} if key == "val/loss" else {}
+            # Evaluations are sparse, and a line through one point draws nothing: mark the points.
+            style = {"marker": "o", "markersize": 3} if key == "val/loss" or len(xs) == 1 else {}
             ax.plot(xs, ys, label=name, color=colors[i % len(colors)], linewidth=1.4, **style)
             n += 1
         counts[key] = n

@@ -102,11 +102,18 @@ def summarize_run(run_dir: str | Path) -> RunSummary:
     train = [r for r in history if isinstance(r.get("train/loss"), float)]
     vals = [r["val/loss"] for r in history if isinstance(r.get("val/loss"), float) and math.isfinite(r["val/loss"])]
     tps = [r["global_tokens_per_sec"] for r in history if isinstance(r.get("global_tokens_per_sec"), (int, float))]
+    steps = history[-1]["step"] if history else info.get("step")
     tokens = next((r["train/tokens_seen"] for r in reversed(history) if "train/tokens_seen" in r),
                   info.get("tokens_seen"))
+    # A run that ended (finished, stopped by a signal or crashed between two log steps) wrote its last
+    # step to run.json; the history only reaches its last log step. (While a run is running, or after it
+    # was killed, run.json may still hold an earlier segment's end.)
+    if info.get("status") in ("finished", "interrupted", "crashed") and isinstance(info.get("step"), int) \
+            and (steps is None or info["step"] > steps):
+        steps, tokens = info["step"], info.get("tokens_seen", tokens)
     return RunSummary(
         name=info.get("name", run_dir.name), path=str(run_dir), status=status,
-        steps=history[-1]["step"] if history else info.get("step"),
+        steps=steps,
         tokens=tokens,
         best_val_loss=min(vals) if vals else None,
         last_train_loss=train[-1]["train/loss"] if train else None,

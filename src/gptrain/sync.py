@@ -37,7 +37,8 @@ class Segment:
 
 
 def wandb_cli(*args: str, timeout: float | None = None) -> subprocess.CompletedProcess:
-    """The official wandb CLI of this Python, run from a scratch folder (it writes a debug log into ./wandb/)."""
+    """The official wandb CLI of this Python, run from a scratch folder (it writes a debug log into ./wandb/),
+    so paths given to it must be absolute."""
     with tempfile.TemporaryDirectory() as scratch:
         return subprocess.run([sys.executable, "-m", "wandb", *args], cwd=scratch, capture_output=True, text=True,
                               timeout=timeout, env={**os.environ, "WANDB_SILENT": "true"})
@@ -45,7 +46,7 @@ def wandb_cli(*args: str, timeout: float | None = None) -> subprocess.CompletedP
 
 def wandb_segments(run_dir: str | Path) -> list[Segment]:
     """The run's W&B segment folders in the order they ran (tracking.json's order, else by start time)."""
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).resolve()  # absolute: the wandb CLI runs from another folder
     root = run_dir / "wandb"
     found = {p.resolve(): p for p in sorted(root.glob("*run-*")) if p.is_dir() and any(p.glob("*.wandb"))}
     ordered: list[Segment] = []
@@ -63,7 +64,7 @@ def wandb_segments(run_dir: str | Path) -> list[Segment]:
 
 def inspect_segment(segment_dir: str | Path) -> dict[str, Any]:
     """A segment's records through `wandb leet inspect --json`: run id, branch point, history rows by step."""
-    proc = wandb_cli("leet", "inspect", "--json", str(segment_dir), timeout=60)
+    proc = wandb_cli("leet", "inspect", "--json", str(Path(segment_dir).resolve()), timeout=60)
     if proc.returncode != 0:
         raise UserError(f"cannot read the W&B data in {segment_dir}: {proc.stderr.strip()[:300]}")
     out: dict[str, Any] = {"run_id": None, "branch_step": None, "history": [], "exit_code": None}
@@ -103,14 +104,17 @@ def composed_history(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def sync_run(run_dir: str | Path, *, dry_run: bool = False, project: str | None = None,
-             entity: str | None = None, include_online: bool = False, say=print) -> list[Segment]:
+             entity: str | None = None, include_online: bool = False, timeout: float = 600.0,
+             say=print) -> list[Segment]:
     """Upload the run's unsynced W&B segments oldest first; stops at the first failure (order matters).
 
     Segments recorded online were streamed as they ran; `include_online` uploads them again (for a run
-    whose online upload was cut short at exit)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "run.json").is_file():
+    whose online upload was cut short at exit). `timeout`: seconds one segment's upload may take (with
+    an API key but no network, `wandb sync` retries forever)."""
+    given = run_dir
+    if not (Path(run_dir) / "run.json").is_file():
         raise UserError(f"{run_dir} is not a run folder (no run.json). Pass runs/<name>; `gptrain runs` lists them.")
+    run_dir = Path(run_dir).resolve()
     segments = wandb_segments(run_dir)
     if not segments:
         raise UserError(f"{run_dir} has no W&B data. Train with --use-wandb (or --trackers wandb) to record it.")
@@ -128,11 +132,16 @@ def sync_run(run_dir: str | Path, *, dry_run: bool = False, project: str | None 
             args += ["--project", project]
         if entity:
             args += ["--entity", entity]
-        proc = wandb_cli(*args, str(seg.dir))
+        try:
+            proc = wandb_cli(*args, str(seg.dir), timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise UserError(f"uploading {seg.dir} got no answer from W&B in {timeout:g} s. Check the network (and "
+                            f"--timeout for a large run), then run `gptrain sync {given}` again: segments already "
+                            "uploaded are skipped.") from None
         if proc.returncode != 0 or not any(seg.dir.glob("*.wandb.synced")):
             detail = (proc.stderr or proc.stdout).strip().splitlines()
             raise UserError(f"uploading {seg.dir} failed ({detail[-1] if detail else f'exit {proc.returncode}'}). "
-                            f"Check `wandb login` and the network, then run `gptrain sync {run_dir}` again: "
+                            f"Check `wandb login` and the network, then run `gptrain sync {given}` again: "
                             "segments already uploaded are skipped.")
         say(f"uploaded {seg.dir.relative_to(run_dir)}")
     return todo

@@ -337,8 +337,9 @@ def load_dataset_tokenizer(dataset_dir: str | os.PathLike) -> Tokenizer:
     spec = tok_meta.get("spec")
     if not spec:
         raise UserError(
-            f"{dataset_dir} has no gptrain tokenizer (a nanoGPT-style dataset). "
-            "Fix: re-prepare it with gptrain prepare, or pass the tokenizer explicitly."
+            f"{dataset_dir} has no gptrain tokenizer (a nanoGPT dataset with a meta.pkl, such as a "
+            "character-level one). Fix: prepare its text with `gptrain prepare TEXT --tokenizer byte --out DIR` "
+            "(or another tokenizer) and train on DIR."
         )
     json_path = dataset_dir / "tokenizer.json"
     tok_json = json_path.read_text(encoding="utf-8") if json_path.is_file() else None
