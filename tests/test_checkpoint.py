@@ -78,3 +78,46 @@ def test_resolve_accepts_run_folder_and_checkpoints_folder(tmp_path):
         C.resolve_checkpoint(tmp_path / "nope")
     with pytest.raises(UserError, match="no complete checkpoint"):
         C.resolve_checkpoint(tmp_path)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_resolve_finds_checkpoints_in_a_custom_checkpoint_dir(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    elsewhere = tmp_path / "big-disk" / "ckpts"
+    save(elsewhere, 4)
+    save(elsewhere, 8)
+    (run / "config.json").write_text(json.dumps({"train": {"checkpoint_dir": str(elsewhere)}}))
+    assert C.resolve_checkpoint(run).path == elsewhere / "step_0000008"
+
+
+def test_resolve_names_an_incomplete_checkpoint_folder(tmp_path):
+    save(tmp_path / "checkpoints", 3)
+    half = tmp_path / "checkpoints" / "step_0000006"
+    half.mkdir()
+    (half / "model.pt").write_bytes(b"\0")
+    with pytest.raises(UserError, match=r"step_0000006 is incomplete \(no COMPLETE marker"):
+        C.resolve_checkpoint(half)
+
+
+def test_sharded_save_writes_info_extra_files_and_the_export(tmp_path):
+    calls = []
+
+    def write_shards(dcp_dir):
+        dcp_dir.mkdir()
+        (dcp_dir / "__0_0.distcp").write_bytes(b"shard")
+        calls.append("shards")
+
+    path = C.save_sharded_checkpoint(tmp_path, 10, write_shards, {"val_loss": 1.5},
+                                     {"tokenizer.json": '{"model": "bpe"}'}, rank=0,
+                                     broadcast_object=lambda obj: obj, barrier=lambda: calls.append("barrier"),
+                                     full_model_state={"w": torch.ones(3)})
+    assert path == tmp_path / "step_0000010" and calls == ["shards", "barrier", "barrier"]
+    assert sorted(p.name for p in path.iterdir()) == ["COMPLETE", "dcp", "info.json", "model.pt", "tokenizer.json"]
+    assert (path / "tokenizer.json").read_text() == '{"model": "bpe"}'  # generate needs it for a BPE run
+    ckpt = C.read_checkpoint(path)
+    assert ckpt.step == 10 and ckpt.info["val_loss"] == 1.5 and ckpt.is_sharded
+    assert torch.equal(ckpt.load_model_state()["w"], torch.ones(3))
+    assert not list(tmp_path.glob("*.tmp-*"))

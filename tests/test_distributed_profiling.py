@@ -148,3 +148,31 @@ def test_cuda_summary_counts_kernels_once_and_derives_backward(tmp_path):
     assert lines[5].startswith("  top kernels by self time: sm90_xmma_gemm") and "aten::mm" not in lines[5]
     assert lines[6] == ("  by kind: matrix products 50%, attention 33%, compiled kernels 15%, optimizer and "
                         "clipping 2%, copies 0% (of 40.20 ms of kernel time)")
+
+
+# --------------------------------------------------------------------------- profiling
+
+
+def test_cuda_summary_keeps_checkpoint_time_out_of_the_step(tmp_path):
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from gptrain.config import ProfileConfig
+    from gptrain.profiling import Profiler
+
+    def event(key, device_type=DeviceType.CPU, us=0.0):
+        return SimpleNamespace(key=key, device_type=device_type, cpu_time_total=1.0, self_cpu_time_total=1.0,
+                               device_time_total=us, self_device_time_total=us)
+
+    events = [event("gptrain/data", us=1_000), event("gptrain/forward", us=9_000), event("gptrain/backward", us=10),
+              event("gptrain/optimizer", us=2_000), event("gptrain/checkpoint", us=50_000),
+              event("sm90_xmma_gemm", DeviceType.CUDA, 30_000)]
+    prof = Profiler(ProfileConfig(enabled=True), tmp_path, 0, torch.device("cuda"))
+    prof.prof = SimpleNamespace(key_averages=lambda: events)
+    prof.recorded_steps = 1
+    lines = {ln.split()[0]: ln for ln in prof.summary().splitlines()[1:6]}
+    # backward = kernel time − what data/forward/optimizer launched (the checkpoint is not part of a step)
+    assert lines["backward"].split()[1] == "18.00"
+    assert lines["forward"].endswith("ms (30%)")  # 9 of a 30 ms step (data 1 + forward 9 + backward 18 + optim 2)
+    assert lines["checkpoint"].split()[1:] == ["50.00", "ms"]  # shown, without a share

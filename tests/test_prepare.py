@@ -409,3 +409,58 @@ def test_read_meta_accepts_nanogpt_datasets(tmp_path):
     with open(d / "meta.pkl", "wb") as f:
         pickle.dump({"vocab_size": 65, "itos": {0: "a"}, "stoi": {"a": 0}}, f)
     assert read_meta(d)["vocab_size"] == 65 and read_meta(d)["tokenizer"] is None
+
+
+# --------------------------------------------------------------------------- data: sources, prepare
+
+
+def prep_byte(tmp_path, inputs, **kw):
+    from gptrain.data.prepare import PrepareConfig, prepare_dataset
+
+    logs = []
+    kw = {"tokenizer": "byte", "val_fraction": 0.2, "min_val_tokens": 0, **kw}
+    out = prepare_dataset(PrepareConfig(inputs=[str(p) for p in inputs], out_dir=str(tmp_path / "ds"), **kw),
+                          progress=False, log=logs.append)
+    return out, logs
+
+
+def all_text(out) -> bytes:
+    return b"".join(np.fromfile(out / f"{s}.bin", dtype=np.uint16).astype(np.uint8).tobytes() for s in ("train", "val"))
+
+
+def test_prepare_rebuilds_when_text_field_or_line_docs_change(tmp_path):
+    rows = [{"title": f"title {i}", "body": f"body {i} " * 20} for i in range(30)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out, _ = prep_byte(tmp_path, [data], text_field="body")
+    assert b"body 3" in all_text(out)
+    _, logs = prep_byte(tmp_path, [data], text_field="title")
+    assert not any("reused" in line for line in logs)
+    assert b"body" not in all_text(out) and b"title 3" in all_text(out)
+    text = tmp_path / "t.txt"
+    text.write_text("".join(f"line {i}\n" for i in range(40)))
+    out, _ = prep_byte(tmp_path, [text], min_val_tokens=50)
+    one_doc = json.loads((out / "meta.json").read_text())["splits"]
+    _, logs = prep_byte(tmp_path, [text], min_val_tokens=50, line_docs=True)
+    assert not any("reused" in line for line in logs)
+    s = json.loads((out / "meta.json").read_text())["splits"]
+    assert s["train"]["documents"] + s["val"]["documents"] == 40 != one_doc["train"]["documents"] + 1
+
+
+def test_a_file_named_twice_is_read_once(tmp_path):
+    from gptrain.data.sources import resolve_inputs
+
+    d = tmp_path / "c"
+    d.mkdir()
+    for i in range(3):
+        (d / f"{i}.txt").write_text(f"doc {i}")
+    files = resolve_inputs([str(d), str(d / "1.txt"), str(tmp_path / "c" / ".." / "c" / "2.txt")])
+    assert files == [d / "0.txt", d / "1.txt", d / "2.txt"]
+
+
+def test_a_pretty_printed_json_object_is_one_document(tmp_path):
+    from gptrain.data.sources import iter_documents
+
+    body = "first line\nsecond line of the only document\n" * 5
+    (tmp_path / "one.json").write_text(json.dumps({"id": 1, "text": body}, indent=2))
+    assert list(iter_documents([tmp_path / "one.json"])) == [body]

@@ -214,3 +214,24 @@ def test_tokenizer_json_saved_by_hf_is_loadable_by_spec(tmp_path, bpe):
     path.write_text(bpe.to_json())
     assert json.loads(path.read_text())["model"]["type"] == "BPE"
     assert build_tokenizer(f"hf:{path}").encode("the quick fox") == bpe.encode("the quick fox")
+
+
+# --------------------------------------------------------------------------- tokenizer: the Hugging Face hub cache
+def test_hub_cache_uses_the_snapshot_refs_main_points_to(tmp_path, monkeypatch):
+    import os
+
+    from gptrain.data.tokenizer import build_tokenizer, train_bpe
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    texts = [f"document {i}: the quick brown fox {i * 3}\n" for i in range(200)]
+    main_tok, newer_tok = train_bpe(texts, 300), train_bpe(texts, 280)
+    repo = tmp_path / "hf" / "hub" / "models--org--model"
+    for rev, tok in (("aaa111", main_tok), ("bbb222", newer_tok)):
+        (repo / "snapshots" / rev).mkdir(parents=True)
+        tok.hf.save(str(repo / "snapshots" / rev / "tokenizer.json"))
+    os.utime(repo / "snapshots" / "aaa111" / "tokenizer.json", (1, 1))  # an older download, still main
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("aaa111\n")
+    assert build_tokenizer("hf:org/model").fingerprint() == main_tok.fingerprint() != newer_tok.fingerprint()

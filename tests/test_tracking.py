@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import fast_overrides
 
 import gptrain.trainer as trainer_mod
@@ -273,3 +274,139 @@ def test_checkpoint_reference_artifact(byte_dataset, tmp_path):
     assert len(artifacts) == 1 and artifacts[0]["type"] == "model"
     meta = json.loads(artifacts[0]["metadata"])
     assert meta["step"] == 12 and meta["path"] == str((res.run_dir / "checkpoints" / "step_0000012").resolve())
+
+
+# --------------------------------------------------------------------------- metrics.jsonl events on resume
+
+
+def test_events_of_a_crashed_segment_after_the_checkpoint_are_superseded(tmp_path):
+    from gptrain.tracking.jsonl import JsonlTracker, read_events, read_history
+
+    first = JsonlTracker(tmp_path)
+    for step in (2, 4, 6, 8):
+        first.log({"train/loss": float(step)}, step)
+    first.log_samples([{"prompt": "p", "completion": "old-6"}], 6)
+    first.log_checkpoint(tmp_path / "step_6", 6, {"tokens_seen": 6})
+    first.log_samples([{"prompt": "p", "completion": "old-8"}], 8)
+    first.alert("loss spike", "spike", "WARN", 8)
+    first.finish("crashed")
+    second = JsonlTracker(tmp_path, resumed_from_step=6)
+    second.log({"train/loss": 80.0}, 8)
+    second.log_samples([{"prompt": "p", "completion": "new-8"}], 8)
+    second.finish("finished")
+
+    assert [(r["step"], r["completion"]) for r in read_events(tmp_path, "sample")] == [(6, "old-6"), (8, "new-8")]
+    assert read_events(tmp_path, "alert") == []  # the alert of step 8 belongs to the recomputed segment
+    assert [r["step"] for r in read_events(tmp_path, "checkpoint")] == [6]
+    assert [r["status"] for r in read_events(tmp_path, "end")] == ["crashed", "finished"]
+    assert [(r["step"], r["train/loss"]) for r in read_history(tmp_path)] == [(2, 2.0), (4, 4.0), (6, 6.0), (8, 80.0)]
+
+
+# --------------------------------------------------------------------------- W&B (offline) and TensorBoard
+
+
+def wandb_tracker(tmp_path, monkeypatch, **tracking):
+    pytest.importorskip("wandb")
+    from gptrain.config import TrackingConfig
+    from gptrain.tracking.wandb_tracker import WandbTracker
+
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))  # artifact staging stays in tmp
+    tr = TrackingConfig(wandb_mode="offline", **tracking)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    warnings: list[str] = []
+    tracker = WandbTracker(run_dir, "rid" + str(time.time_ns())[-8:], "gptrain-name", tr, {"model": {"d_model": 8}},
+                           say=lambda m: None, warn=warnings.append)
+    tracker.test_warnings = warnings  # the artifact worker thread reports failures here
+    return tracker
+
+
+def inspect(tracker):
+    from gptrain.sync import wandb_cli
+
+    summary = json.loads(wandb_cli("leet", "inspect", "--summary", "--json", str(tracker.segment_dir),
+                                   timeout=60).stdout)
+    records = wandb_cli("leet", "inspect", "--json", str(tracker.segment_dir), timeout=60).stdout
+    artifacts = [json.loads(line)["artifact"] for line in records.splitlines() if '"type":"artifact"' in line]
+    return summary, artifacts
+
+
+def fake_checkpoint(tmp_path, step):
+    from gptrain import checkpoint as C
+
+    return C.save_checkpoint(tmp_path / "run" / "checkpoints", step, {"w": torch.zeros(2)}, {"opt": {}},
+                             {"val_loss": None})
+
+
+def test_wandb_summary_status_best_val_name_and_uploaded_checkpoints(tmp_path, monkeypatch):
+    tracker = wandb_tracker(tmp_path, monkeypatch, wandb_run_name="display-name", wandb_log_checkpoints="upload")
+    for step, val in ((2, 3.0), (4, 2.0), (6, 2.5)):
+        tracker.log({"train/loss": val + 1, "val/loss": val}, step)
+    tracker.log_checkpoint(fake_checkpoint(tmp_path, 4), 4, {"val_loss": 2.0})
+    tracker.log_checkpoint(fake_checkpoint(tmp_path, 6), 6, {"val_loss": 2.5})
+    tracker.finish("interrupted")
+    assert tracker.test_warnings == []
+    summary, artifacts = inspect(tracker)
+    assert summary["name"] == "display-name"  # --wandb-run-name wins over the gptrain run name
+    assert summary["summary"]["gptrain/status"] == "interrupted"
+    assert summary["summary"]["val/loss"] == {"min": 2.0}  # the best val loss, not the last
+    assert summary["exit_code"] == 255
+    assert [sorted(a["aliases"]) for a in artifacts] == [["latest", "step-4"], ["latest", "step-6"]]
+    for a, step in zip(artifacts, (4, 6), strict=True):
+        files = sorted(c["path"] for c in a["manifest"]["contents"])
+        assert files == [f"step_{step:07d}/{n}" for n in ("COMPLETE", "info.json", "model.pt", "train.pt")]
+        assert all(not c.get("ref") for c in a["manifest"]["contents"])  # uploaded, not referenced
+
+
+def test_wandb_logs_no_checkpoint_artifact_by_default(tmp_path, monkeypatch):
+    tracker = wandb_tracker(tmp_path, monkeypatch)
+    tracker.log({"train/loss": 1.0}, 2)
+    tracker.log_checkpoint(fake_checkpoint(tmp_path, 2), 2, {"val_loss": None})
+    tracker.finish("finished")
+    summary, artifacts = inspect(tracker)
+    assert summary["summary"]["gptrain/status"] == "finished" and artifacts == []
+
+
+def test_tensorboard_records_samples_alerts_and_status_as_text(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from gptrain.tracking.tensorboard_tracker import TensorBoardTracker
+
+    tb = TensorBoardTracker(tmp_path)
+    tb.log_config({"model": {"d_model": 8}})
+    tb.log({"train/loss": 2.0, "amp": True, "note": "text"}, 2)
+    tb.log_samples([{"prompt": "def ", "completion": "f(x)"}], 2)
+    tb.alert("loss spike", "spiked", "WARN", 2)
+    tb.finish("finished")
+    acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert tags["scalars"] == ["train/loss"]  # booleans and strings are not scalars
+    texts = {t.split("/")[0]: acc.Tensors(t)[-1].tensor_proto.string_val[0].decode() for t in tags["tensors"]}
+    assert set(texts) == {"config", "samples", "alerts", "status"}
+    assert "`'def '` | `'f(x)'`" in texts["samples"] and texts["status"] == "finished"
+
+
+# --------------------------------------------------------------------------- text samples
+
+
+def tiny_model():
+    from gptrain.model import GPT, ModelConfig
+
+    torch.manual_seed(0)
+    return GPT(ModelConfig(vocab_size=257, n_layers=1, n_heads=2, d_model=16, max_position_embeddings=64)).eval()
+
+
+def test_samples_depend_on_prompt_and_seed_only_and_leave_the_global_rng_alone():
+    from gptrain.data.tokenizer import ByteTokenizer
+    from gptrain.tracking.samples import sample_completions
+
+    model, tok, cpu = tiny_model(), ByteTokenizer(), torch.device("cpu")
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    together = sample_completions(model, tok, ["def ", "class "], 24, seed=7, device=cpu)
+    assert torch.equal(torch.get_rng_state(), before)  # training's random stream is untouched
+    alone = sample_completions(model, tok, ["class "], 24, seed=7, device=cpu)
+    assert together[1] == alone[0] == {"prompt": "class ", "completion": alone[0]["completion"]}
+    assert sample_completions(model, tok, ["class "], 24, seed=8, device=cpu) != alone

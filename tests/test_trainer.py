@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -356,3 +357,53 @@ def test_hot_loop_reads_no_tensor_value_outside_log_eval_and_checkpoint_steps(by
     allowed[0] = 0
     torch.ones(()).item()
     assert len(reads) == 1
+
+
+# --------------------------------------------------------------------------- run folder
+
+
+def test_run_status_records_the_end_of_every_non_running_status(tmp_path):
+    from gptrain.run_folder import read_json, update_run_status
+
+    for status in ("running", "finished", "crashed", "interrupted"):
+        update_run_status(tmp_path, status, step=3)
+        info = read_json(tmp_path / "run.json")
+        assert info["status"] == status and info["step"] == 3
+        assert ("ended_at" in info) == (status != "running"), status
+        (tmp_path / "run.json").unlink()
+
+
+def test_environment_record_names_the_git_commit(tmp_path):
+    import gptrain
+    from gptrain.run_folder import environment_record
+
+    src = Path(gptrain.__file__).resolve().parent
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("gptrain is not running from a git checkout")
+    env = environment_record(torch.device("cpu"), 1)
+    assert env["git_commit"] == head.stdout.strip() and isinstance(env["git_dirty"], bool)
+    assert env["world_size"] == 1 and env["device"] == "cpu" and env["torch"] == torch.__version__
+
+
+def test_ctrl_c_marks_the_run_interrupted(byte_dataset, tmp_path, monkeypatch):
+    import gptrain.trainer as trainer_mod
+    from gptrain.config import build_config
+    from gptrain.tracking import read_metrics
+
+    real = trainer_mod.lr_at
+
+    def lr_at(step, *a, **k):
+        if step == 5:
+            raise KeyboardInterrupt
+        return real(step, *a, **k)
+
+    monkeypatch.setattr(trainer_mod, "lr_at", lr_at)
+    cfg, explicit = build_config(fast_overrides(byte_dataset, tmp_path, **{"train.run_name": "ctrl-c",
+                                                                          "train.sample_tokens": 0}))
+    with pytest.raises(KeyboardInterrupt):
+        trainer_mod.train(cfg, explicit)
+    run = tmp_path / "ctrl-c"
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "interrupted" and info["step"] == 5 and "ended_at" in info
+    assert [r["status"] for r in read_metrics(run) if r.get("event") == "end"] == ["interrupted"]
