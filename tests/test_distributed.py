@@ -222,7 +222,9 @@ def test_impossible_layout_is_an_error_before_any_work(byte_dataset, tmp_path):
     proc = torchrun(2, common_args(byte_dataset, tmp_path) + ["--run-name", "bad", "--tp", "2", "--n-heads", "1",
                                                               "--d-model", "32"])
     assert proc.returncode != 0
-    assert proc.stderr.count("error: --tp 2 must divide the number of attention heads (1)") == 2  # each rank
+    # Each rank checks the layout before any collective; torchrun stops the others once the first one exits,
+    # so the second may be gone before it prints (seen once in CI on a busy machine).
+    assert proc.stderr.count("error: --tp 2 must divide the number of attention heads (1)") >= 1
     assert "gptrain/" not in proc.stderr  # no traceback from gptrain (only the launcher's own report)
     assert "exitcode  : 2" in proc.stderr  # the CLI's exit code for user errors
     assert not (tmp_path / "bad").exists()  # nothing on disk
