@@ -192,6 +192,13 @@ def test_resume_goes_on_with_raw_text_given_now(byte_dataset, tmp_path, monkeypa
     assert res.final_step == 4
     used = json.loads((res.run_dir / "environment.json").read_text())["dataset_dir"]
     assert used.startswith(str(tmp_path / "cache")) and used != str(byte_dataset)
+    # Raw-text settings with no text to prepare (the run trained on a prepared dataset): refused.
+    run(byte_dataset, tmp_path, **{"train.run_name": "prepared", "train.num_steps": 2})
+    overrides = fast_overrides(byte_dataset, tmp_path, **{"train.run_name": "prepared", "train.resume": "latest",
+                                                          "train.num_steps": 4, "data.tokenizer": "byte"})
+    del overrides["data.dataset"]
+    with pytest.raises(UserError, match="--tokenizer-name would have no text to prepare. Add --train-data"):
+        train(*build_config(overrides))
 
 
 def test_resume_from_corrupt_checkpoint_is_an_error(byte_dataset, tmp_path):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from gptrain import checkpoint as ckpt_lib
-from gptrain.config import RAW_DATA_PATHS, SHAPE_KEYS, Config, validate
+from gptrain.config import RAW_DATA_PATHS, SHAPE_KEYS, Config, flag_of, validate
 from gptrain.console import RunConsole
 from gptrain.data.dataset import resolve_dataset
 from gptrain.data.loader import BatchLayout, DevicePrefetcher, TrainBatches, open_tokens
@@ -200,9 +200,14 @@ class Trainer:
     def _setup_data(self) -> None:
         cfg = self.cfg
         if self.resume_from is not None and "data.dataset" not in self.explicit:
-            if self.explicit & set(RAW_DATA_PATHS):  # raw text given now: the resumed run goes on with it
-                cfg.data.dataset = None
-            elif not cfg.data.dataset:  # otherwise on the data it was trained on (a raw-text run's prepared cache)
+            raw_given = sorted(self.explicit & set(RAW_DATA_PATHS))
+            if raw_given and (cfg.data.train_files or cfg.data.use_toy_data):
+                cfg.data.dataset = None  # raw text to prepare with the settings given now: the run goes on with it
+            elif raw_given:
+                raise UserError(f"--resume: the run trained on the prepared dataset {cfg.data.dataset or '?'}, so "
+                                f"{', '.join(flag_of(p) for p in raw_given)} would have no text to prepare. Add "
+                                "--train-data FILE... to continue on new text, or drop them.")
+            elif not cfg.data.dataset:  # the data it was trained on (a raw-text run's prepared cache)
                 cfg.data.dataset = self.resume_from.info.get("dataset_dir")
         if self.dist.enabled:  # rank 0 prepares raw data; the others wait for it (or for its error)
             self.dataset_dir = self._resolve_dataset_on_rank0(cfg)
