@@ -108,3 +108,34 @@ def test_help_lists_every_setting_flag_and_its_negation(capsys):
     for opt in OPTIONS:
         for flag in (*opt.flags, *([opt.negate] if opt.negate else [])):
             assert f"{flag} " in shown or f"{flag}\n" in shown or f"{flag}," in shown, flag
+
+
+def test_nanogpt_character_level_dataset_trains_and_generates(tmp_path, capsys):
+    # nanoGPT's shakespeare_char layout: uint16 ids, meta.pkl with vocab_size, itos and stoi.
+    import pickle
+
+    import numpy as np
+
+    text = "first citizen: before we proceed any further, hear me speak. def class import\n" * 40
+    chars = sorted(set(text))
+    stoi = {c: i for i, c in enumerate(chars)}
+    data = tmp_path / "shakespeare_char"
+    data.mkdir()
+    ids = np.array([stoi[c] for c in text], dtype=np.uint16)
+    ids[: len(ids) * 9 // 10].tofile(data / "train.bin")
+    ids[len(ids) * 9 // 10 :].tofile(data / "val.bin")
+    with open(data / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": stoi}, f)
+
+    assert cli("train", "--data", data, "--runs-dir", tmp_path / "runs", "--run-name", "c", *TINY,
+               "--num-steps", "4", "--sample-prompt", "hear ") == 0
+    capsys.readouterr()
+    assert cli("generate", tmp_path / "runs" / "c", "--prompt", "speak", "--max-new-tokens", "12", "--seed", "1") == 0
+    out = capsys.readouterr().out
+    assert out.startswith("speak") and set(out) <= set(text) | set("<|endoftext|>")  # decoded characters
+
+    # A prompt outside the characters is refused before training starts.
+    assert cli("train", "--data", data, "--runs-dir", tmp_path / "runs", "--run-name", "q", *TINY,
+               "--sample-prompt", "QQ") == 2
+    assert "'Q' are not among this dataset's" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "q").exists()

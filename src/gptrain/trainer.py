@@ -217,6 +217,7 @@ class Trainer:
         self.tokenizer = load_dataset_tokenizer(self.dataset_dir)
         if self.resume_from is not None:
             self._check_resumed_tokenizer(self.resume_from)
+        self._check_sample_prompts()
         data_vocab = int(self.meta["vocab_size"])
         if "model.vocab_size" in self.explicit or self.resume_from is not None:
             if cfg.model.vocab_size < data_vocab:
@@ -248,6 +249,14 @@ class Trainer:
         self.layout = BatchLayout(t.batch_size, t.grad_accum_steps // dp, dp, self.dist.dp_rank)
         self.batches = TrainBatches(self.train_tokens, self.seq_len, self.layout, t.seed)
         self.tokens_per_step = self.layout.global_batch * self.seq_len
+
+    def _check_sample_prompts(self) -> None:
+        """Prompts the tokenizer cannot encode (a character-level vocabulary) end the run here, not mid-run."""
+        prompts = list(self.cfg.tracking.sample_prompts) if self.cfg.tracking.sample_every != 0 else []
+        if self.cfg.train.sample_tokens > 0:
+            prompts.append(self.cfg.train.sample_prompt)
+        for prompt in prompts:
+            self.tokenizer.encode(prompt)
 
     def _check_resumed_tokenizer(self, ckpt: ckpt_lib.Checkpoint) -> None:
         """A resumed model must go on reading the token ids it was trained on."""

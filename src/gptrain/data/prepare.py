@@ -719,6 +719,11 @@ def _nanogpt_meta(d: Path, vocab_size: int | None) -> dict:
         except Exception as e:
             raise UserError(f"{d / 'meta.pkl'} is unreadable ({e}). Fix: re-prepare the dataset with gptrain.") \
                 from None
+        itos = pkl.get("itos")
+        if isinstance(itos, dict) and all(isinstance(itos.get(i), str) for i in range(vocab_size)):
+            # character-level (shakespeare_char): its characters are the tokenizer, end-of-text one id more
+            tokenizer = {"spec": "chars", "chars": [itos[i] for i in range(vocab_size)]}
+            eot_id = vocab_size
     elif vocab_size is None:
         vocab_size, eot_id, tokenizer = 50257, 50256, {"spec": "hf:gpt2"}  # nanoGPT: no meta.pkl = GPT-2 BPE
     dtype = dtype_for(vocab_size)

@@ -5,6 +5,8 @@
                     Hugging Face `tokenizers` on the corpus; saved as tokenizer.json
   hf:NAME_OR_PATH   a Hugging Face tokenizer: a tokenizer.json file, a directory holding one,
   NAME              the local HF hub cache, or the hub itself when there is a network
+  chars             the characters of a nanoGPT character-level dataset, read from its meta.pkl
+                    (not built from a spec: such datasets come tokenized); end-of-text is one id more
 
 Every kind is byte-exact where it is byte-level: ``decode(encode(text)) == text`` for any
 Unicode text with ``byte`` and ``bpe:N``. ``encode`` never adds special tokens (no BOS, no
@@ -14,6 +16,7 @@ end-of-text); the data pipeline appends ``eot_id`` after each document.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 from collections.abc import Callable, Iterable
@@ -161,6 +164,8 @@ def parse_spec(spec: str) -> tuple[str, str | int | None]:
                 f"{MAX_BPE_VOCAB}. Fix: e.g. bpe:8192."
             )
         return "bpe", n
+    if spec == "chars":
+        return "chars", None
     if spec.startswith("hf:"):
         name = spec[3:]
         if not name:
@@ -178,12 +183,52 @@ def needs_training(spec: str) -> bool:
     return parse_spec(spec)[0] == "bpe"
 
 
+class CharTokenizer(Tokenizer):
+    """One id per character, in the order of a nanoGPT character-level dataset's meta.pkl (`itos`).
+
+    End-of-text is the id after the last character. Text outside the character set cannot be
+    encoded; prompts are checked for it before use.
+    """
+
+    def __init__(self, chars: list[str]) -> None:
+        if not chars or len(set(chars)) != len(chars) or any(len(c) != 1 for c in chars):
+            raise UserError("a character tokenizer needs distinct single characters (nanoGPT meta.pkl's itos).")
+        self.spec = "chars"
+        self.chars = list(chars)
+        self.ids = {c: i for i, c in enumerate(self.chars)}
+        self.eot_id = len(self.chars)
+        self.vocab_size = len(self.chars) + 1
+
+    def encode(self, text: str) -> list[int]:
+        missing = sorted(set(text) - self.ids.keys())
+        if missing:
+            raise UserError(f"{''.join(missing)!r} are not among this dataset's {len(self.chars)} characters; "
+                            "use text made of them (for samples: --sample-prompts, --sample-prompt).")
+        return [self.ids[c] for c in text]
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.array(self.encode(t), dtype=np.uint32) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return "".join(self.chars[i] if i < self.eot_id else (EOT_TEXT if i == self.eot_id else "")
+                       for i in map(int, ids))
+
+    def to_json(self) -> str:
+        return json.dumps({"type": "chars", "chars": self.chars}, ensure_ascii=False)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()[:16]
+
+
 def build_tokenizer(spec: str, training_texts: Callable[[], Iterable[str]] | None = None,
                     log: Callable[[str], None] | None = None) -> Tokenizer:
     """The tokenizer a spec names; ``bpe:N`` is trained on ``training_texts()``."""
     kind, arg = parse_spec(spec)
     if kind == "byte":
         return ByteTokenizer()
+    if kind == "chars":
+        raise UserError("the chars tokenizer comes with a nanoGPT character-level dataset (its meta.pkl); to "
+                        "tokenize text, use byte, bpe:N or hf:NAME.")
     if kind == "bpe":
         if training_texts is None:
             raise ValueError("bpe:N needs training texts")
@@ -322,6 +367,8 @@ def tokenizer_from_json(spec: str, tokenizer_json: str | None) -> Tokenizer:
     from tokenizers import Tokenizer as HFTok
 
     try:
+        if kind == "chars":
+            return CharTokenizer(json.loads(tokenizer_json)["chars"])
         return HFTokenizer(normalize_spec(spec), HFTok.from_str(tokenizer_json))
     except Exception as e:
         raise UserError(f"The saved tokenizer.json for {spec} is corrupt ({e}). Fix: re-run prepare.") from None
@@ -343,6 +390,8 @@ def load_dataset_tokenizer(dataset_dir: str | os.PathLike) -> Tokenizer:
         )
     json_path = dataset_dir / "tokenizer.json"
     tok_json = json_path.read_text(encoding="utf-8") if json_path.is_file() else None
+    if meta.get("format") == "nanogpt" and spec == "chars":
+        return CharTokenizer(tok_meta["chars"])  # from meta.pkl's itos
     if meta.get("format") == "nanogpt" and tok_json is None:
         return build_tokenizer(spec)  # nanoGPT's convention: no meta.pkl means the GPT-2 tokenizer
     tok = tokenizer_from_json(spec, tok_json)
