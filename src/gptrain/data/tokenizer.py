@@ -384,8 +384,8 @@ def load_dataset_tokenizer(dataset_dir: str | os.PathLike) -> Tokenizer:
     spec = tok_meta.get("spec")
     if not spec:
         raise UserError(
-            f"{dataset_dir} has no gptrain tokenizer (a nanoGPT dataset with a meta.pkl, such as a "
-            "character-level one). Fix: prepare its text with `gptrain prepare TEXT --tokenizer byte --out DIR` "
+            f"{dataset_dir} has no gptrain tokenizer (a nanoGPT dataset whose meta.pkl has no complete `itos` "
+            "character table). Fix: prepare its text with `gptrain prepare TEXT --tokenizer byte --out DIR` "
             "(or another tokenizer) and train on DIR."
         )
     json_path = dataset_dir / "tokenizer.json"
