@@ -168,6 +168,10 @@ def test_resume_refuses_what_it_cannot_continue_and_touches_nothing(byte_dataset
     before = {name: (res.run_dir / name).read_bytes() for name in ("config.json", "run.json", "metrics.jsonl")}
     with pytest.raises(UserError, match="is at step 2, which already reaches --num-steps 2: nothing to train"):
         run(byte_dataset, tmp_path, **{"train.resume": ckpt, "train.num_steps": 2})
+    with pytest.raises(UserError, match=r"one profiling cycle .*, but the resumed run has 2 steps left \(--num-steps "
+                       r"4 − checkpoint step 2\)\. Raise --num-steps"):
+        run(byte_dataset, tmp_path, **{"train.resume": ckpt, "train.num_steps": 4, "profile.enabled": True,
+                                       "profile.wait": 1, "profile.warmup": 1, "profile.active": 1})
     with pytest.raises(UserError, match="--resume continues the run r .*, not --run-name other"):
         run(byte_dataset, tmp_path, **{"train.resume": ckpt, "train.run_name": "other", "train.num_steps": 4})
     bpe = tmp_path / "bpe_data"

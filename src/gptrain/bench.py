@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gptrain.config import Config, TrackingConfig, all_paths, build_config, flag_of
+from gptrain.config import Config, TrackingConfig, all_paths, build_config, check_profiler_fits, flag_of
 from gptrain.errors import UserError
 
 # Named configurations: the settings the issue's targets are stated for. Flags given on the
@@ -118,13 +118,10 @@ def default_window_steps(device: torch.device) -> int:
 
 def check_profile_fits(cfg: Config, windows: int, window_steps: int, warmup_windows: int) -> None:
     """The profiler's cycle must end within the benchmark's steps (train's own check names --num-steps)."""
-    p = cfg.profile
-    steps, cycle = (warmup_windows + windows) * window_steps, p.wait + p.warmup + p.active
-    if p.enabled and steps < cycle:
-        raise UserError(f"--use-profiler needs {cycle} steps for one profiling cycle (--profile-wait {p.wait} + "
-                        f"--profile-warmup {p.warmup} + --profile-active {p.active}), but the benchmark runs "
-                        f"{steps} ((--warmup-windows {warmup_windows} + --windows {windows}) × --window-steps "
-                        f"{window_steps}). Raise --windows or --window-steps, or lower the profile settings.")
+    steps = (warmup_windows + windows) * window_steps
+    check_profiler_fits(cfg.profile, steps, f"the benchmark runs {steps} ((--warmup-windows {warmup_windows} + "
+                        f"--windows {windows}) × --window-steps {window_steps})",
+                        "Raise --windows or --window-steps, or lower the profile settings.")
 
 
 def prepare_json_path(path: str | None) -> None:

@@ -559,10 +559,16 @@ def validate_parallel(cfg: Config) -> None:
             raise UserError(f"--profile-{name} must be ≥ 0, got {value}.")
     if pr.active < 1:
         raise UserError(f"--profile-active must be at least 1, got {pr.active}.")
+    check_profiler_fits(pr, cfg.train.num_steps, f"--num-steps is {cfg.train.num_steps}",
+                        "Raise --num-steps to at least {cycle}, or lower --profile-wait and --profile-warmup.")
+
+
+def check_profiler_fits(pr: ProfileConfig, steps: int, steps_are: str, fix: str) -> None:
+    """One profiling cycle must end within the `steps` that will run: a cut-short cycle records nothing,
+    or a partial one averaged as if it were whole. `steps_are` and `fix` (which may name `{cycle}`) word
+    the message for the command at hand."""
     cycle = pr.wait + pr.warmup + pr.active
-    if pr.enabled and cfg.train.num_steps < cycle:
-        # A cut-short cycle records nothing, or a partial cycle averaged as if it were whole.
+    if pr.enabled and steps < cycle:
         raise UserError(f"--use-profiler needs {cycle} steps for one profiling cycle (--profile-wait {pr.wait} + "
-                        f"--profile-warmup {pr.warmup} + --profile-active {pr.active}), but --num-steps is "
-                        f"{cfg.train.num_steps}. Raise --num-steps to at least {cycle}, or lower --profile-wait "
-                        "and --profile-warmup.")
+                        f"--profile-warmup {pr.warmup} + --profile-active {pr.active}), but {steps_are}. "
+                        + fix.format(cycle=cycle))

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from gptrain import checkpoint as ckpt_lib
-from gptrain.config import RAW_DATA_PATHS, SHAPE_KEYS, Config, flag_of, validate
+from gptrain.config import RAW_DATA_PATHS, SHAPE_KEYS, Config, check_profiler_fits, flag_of, validate
 from gptrain.console import RunConsole
 from gptrain.data.dataset import resolve_dataset
 from gptrain.data.loader import BatchLayout, DevicePrefetcher, TrainBatches, open_tokens
@@ -143,6 +143,10 @@ class Trainer:
                 raise UserError(f"--resume: the checkpoint {self.resume_from.path} is at step {self.resume_from.step}, "
                                 f"which already reaches --num-steps {cfg.train.num_steps}: nothing to train. Pass a "
                                 f"larger --num-steps (e.g. {self.resume_from.step + cfg.train.num_steps}).")
+            left = cfg.train.num_steps - self.resume_from.step
+            check_profiler_fits(cfg.profile, left, f"the resumed run has {left} steps left (--num-steps "
+                                f"{cfg.train.num_steps} − checkpoint step {self.resume_from.step})",
+                                "Raise --num-steps, or lower --profile-wait and --profile-warmup.")
         validate(cfg)
         # Layout errors (degrees vs world size, heads vs --tp, ...) are raised here, before any work.
         self.dist, self.device = init_distributed(cfg.train.device, cfg.parallel, cfg.model, cfg.train.precision)
