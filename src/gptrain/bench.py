@@ -102,10 +102,14 @@ def note_ignored_file_settings(from_file: set[str], toml: str | None) -> None:
               "step counts)", file=sys.stderr)
 
 
+def check_windows(windows: int, warmup_windows: int) -> None:
+    if windows < 1 or warmup_windows < 0:
+        raise UserError("--windows must be ≥ 1 and --warmup-windows ≥ 0.")
+
+
 def check_measurement_options(args) -> None:
     """Bench's own flags, checked before anything runs."""
-    if args.windows < 1 or args.warmup_windows < 0:
-        raise UserError("--windows must be ≥ 1 and --warmup-windows ≥ 0.")
+    check_windows(args.windows, args.warmup_windows)
     for name, value in [("window-steps", args.window_steps), ("matmul-size", args.matmul_size),
                         ("nproc", args.nproc)]:
         if value is not None and value < 1:
@@ -219,8 +223,7 @@ def run_benchmark(cfg: Config, explicit: set[str], *, windows: int = 5, window_s
     from gptrain.console import RunConsole
     from gptrain.distributed import resolve_device
 
-    if windows < 1 or warmup_windows < 0:
-        raise UserError("--windows must be ≥ 1 and --warmup-windows ≥ 0.")
+    check_windows(windows, warmup_windows)
     device = resolve_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
     if window_steps is None:
         window_steps = default_window_steps(device)
