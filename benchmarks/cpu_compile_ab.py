@@ -9,7 +9,8 @@ ROUNDS rounds, with a 4096² fp32 matrix product every third round. Prints each 
 step, its MFU against the fastest matrix product, and the median per-round step-time ratio to the
 first variant. Variants: eager, whole (torch.compile of the
 whole model, what --compile does in one process), block (each block compiled, what it does under
-DDP/FSDP).
+DDP/FSDP). A suffix "+lossN" computes the loss N tokens at a time (--loss-chunk-size N), e.g.
+eager,eager+loss1024.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ from gptrain.optim import build_optimizer
 CFG = ModelConfig(vocab_size=8192, max_position_embeddings=256, n_layers=6, n_heads=6, d_model=384)
 
 
-def make_step(kind: str, x: torch.Tensor, y: torch.Tensor):
+def make_step(variant: str, x: torch.Tensor, y: torch.Tensor):
+    kind, _, chunk = variant.partition("+loss")
     torch.manual_seed(0)
     model = GPT(CFG)
+    model.loss_chunk_size = int(chunk or 0)
     opt = build_optimizer(model, OptimConfig(lr=1e-3), torch.device("cpu"))
     fwd = model
     if kind == "block":
@@ -41,7 +44,7 @@ def make_step(kind: str, x: torch.Tensor, y: torch.Tensor):
     elif kind == "whole":
         fwd = torch.compile(model)
     elif kind != "eager":
-        raise SystemExit(f"unknown variant {kind}: eager, whole, block")
+        raise SystemExit(f"unknown variant {kind}: eager, whole, block (each optionally +lossN)")
 
     def step() -> None:
         fwd(x, y).backward()

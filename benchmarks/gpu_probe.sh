@@ -1,24 +1,26 @@
 #!/usr/bin/env bash
 # Where the time of a compiled gpt2 step goes on one CUDA GPU, and whether Inductor's tuning options
 # buy some of it back: the measurements the issue's ≥ 50% MFU target (gpt2, compiled) needs next.
-# About 7-10 minutes on an H100/H200, most of it compilation; installs nothing from the network. The
+# About 8-12 minutes on an H100/H200, most of it compilation; installs nothing from the network. The
 # steps run in order of what they tell, each writing its files at once, so a run cut short by a device
 # call's 10-minute limit keeps what it measured. Or split it: STEPS="syncs base parts profile", then
-# STEPS="cudnn cdt autotune".
+# STEPS="cudnn loss cdt autotune".
 #
 #   bash benchmarks/gpu_probe.sh [OUT_DIR]        # default: gpu_probe/ (tables, JSON, profiler trace)
 #
-# Steps (STEPS="syncs base parts profile cudnn cdt autotune" by default; each under its own time limit):
+# Steps (STEPS="syncs base parts profile cudnn loss cdt autotune" by default; each under its own time limit):
 #   syncs     benchmarks/gpu_sync_check.py: no host-device synchronisation in the hot loop (eager and compiled,
 #             a 2-layer gpt2-shaped model; torch.cuda.set_sync_debug_mode outside log/eval/checkpoint steps)
 #   base      `gptrain bench --named gpt2 --variants compile` (batch 32, bf16): the figure to beat
 #   parts     benchmarks/step_parts.py: each linear layer, attention (every SDPA backend), the LM head and
-#             the cross-entropy timed alone at the step's shapes, their FLOP/s, and their sum against the
+#             the cross-entropy (also together: plain and chunked) timed alone at the step's shapes, their FLOP/s, and their sum against the
 #             measured step (the rest: norms, GELU, adds, casts, optimizer)
 #   profile   one profiled compiled run: the step split into data / forward / backward / optimizer and,
 #             by kernel kind, into matrix products / attention / compiled kernels / optimizer / copies,
 #             with the five most expensive kernels (gptrain.profiling); the Chrome trace goes to OUT_DIR.
 #   cudnn     base again, with --attention-backend cudnn (cuDNN's fused attention instead of PyTorch's choice)
+#   loss      base again, with --loss-chunk-size 4096 (the head and cross-entropy 4,096 tokens at a time,
+#             no (tokens × vocab) logits kept: compare speed and peak memory with base)
 #   cdt       base again, with TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 (Triton launch configs tuned)
 #   autotune  base again, with TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1 (Triton GEMM templates compete with cuBLAS)
 # How to read it: parts gives each matrix product its own FLOP/s; if they are near the measured matmul
@@ -31,7 +33,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
-STEPS=${STEPS:-"syncs base parts profile cudnn cdt autotune"}
+STEPS=${STEPS:-"syncs base parts profile cudnn loss cdt autotune"}
 OUT=$(mkdir -p "${1:-gpu_probe}" && cd "${1:-gpu_probe}" && pwd)
 
 if ! "$PY" -m pip install --no-deps --no-build-isolation -q -e . >/dev/null 2>&1; then
@@ -70,6 +72,7 @@ for step in $STEPS; do
             timeout 120 "$PY" benchmarks/step_parts.py --device "${DEVICE:-cuda}" --batch "${BATCH:-32}" \
                 ${step_ms:+--step-ms "$step_ms"} ${PARTS_ARGS:-} 2>&1 | tee "$OUT/parts.log" ;;
         cudnn) bench cudnn 150 -- --attention-backend cudnn ;;
+        loss) bench loss 150 -- --loss-chunk-size 4096 ;;
         cdt) bench cdt 240 TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 ;;
         autotune) bench autotune 300 TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1 ;;
         profile)

@@ -11,7 +11,9 @@ and is timed alone (median of several repetitions after a warm-up). Their sum ov
 a step would take if nothing else cost anything (no LayerNorm, GELU, residual adds, casts, optimizer),
 so the gap to a measured step time is the cost of everything else, and each part's FLOP/s says how
 close it comes to the matrix-product peak. Attention is timed with every SDPA backend this device
-offers (flash, cuDNN, memory-efficient, math), since a faster backend is a candidate optimisation.
+offers (flash, cuDNN, memory-efficient, math), since a faster backend is a candidate optimisation, and
+the LM head with its loss is timed whole, the plain way and chunked (--loss-chunk-size), with its peak
+memory on CUDA.
 
 This is a diagnostic for the ≥ 50% GPU MFU target: it tells which part to work on. It runs on CPU too
 (a dry run of the script, and the CPU reference's own breakdown).
@@ -22,11 +24,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from gptrain.bench import fmt_flops
+from gptrain.chunked_loss import chunked_linear_cross_entropy
 from gptrain.model import SDPA_BACKENDS, attention_kernels
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -65,6 +69,33 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
+def compare_head_and_loss(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, chunks: list[int],
+                          device: torch.device, reps: int) -> dict[str, tuple[float, int | None]]:
+    """Seconds and (CUDA) peak memory of the head and its loss: the plain way, then chunked."""
+    vocab = w.size(0)  # all of it real here: no padding to mask
+
+    def plain(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(h, w)
+        return F.cross_entropy(logits.float() if logits.dtype != torch.float32 else logits, targets)
+
+    variants = {"plain": plain}
+    for c in chunks:
+        variants[f"chunked, {c} tokens"] = partial(chunked_linear_cross_entropy, targets=targets, vocab_size=vocab,
+                                                   chunk_size=c)
+    out = {}
+    for name, fn in variants.items():
+        peak = None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        sec = time_fwd_bwd(fn, [h, w], device, reps)
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device) - base
+        out[name] = (sec, peak)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda")
@@ -76,6 +107,8 @@ def main() -> None:
     ap.add_argument("--n-heads", type=int, default=12)
     ap.add_argument("--vocab", type=int, default=50304, help="the padded vocabulary (gpt2: 50257 → 50304)")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--loss-chunks", type=lambda v: [int(c) for c in v.split(",")], default=[4096, 8192],
+                    help="chunk sizes of the chunked head + loss to time against the plain one (comma list)")
     ap.add_argument("--step-ms", type=float, default=None, help="a measured step time to compare the sum with")
     args = ap.parse_args()
 
@@ -130,7 +163,9 @@ def main() -> None:
     sec = time_fwd_bwd(lambda z: F.cross_entropy(z.float() if dtype != torch.float32 else z, targets), [logits],
                        device, args.reps)
     rows.append(("cross-entropy (fp32)", 1, sec, 0.0))
-    del h, w_vocab, logits
+    del logits
+    head_and_loss = compare_head_and_loss(h, w_vocab, targets, args.loss_chunks, device, args.reps)
+    del h, w_vocab
 
     total = sum(n * s for _, n, s, _ in rows)
     print(f"{'part':<28} {'× per step':>10} {'ms each':>9} {'ms per step':>12} {'share':>7} {'FLOP/s':>9}")
@@ -141,6 +176,10 @@ def main() -> None:
     if args.step_ms:
         print(f"measured step {args.step_ms:.2f} ms: everything else (norms, GELU, adds, casts, optimizer, "
               f"launches) {args.step_ms - total * 1e3:.2f} ms = {1 - total * 1e3 / args.step_ms:.1%} of the step")
+    print(f"\nLM head + cross-entropy forward and backward together (--loss-chunk-size), {args.precision}:")
+    for name, (sec, peak) in head_and_loss.items():
+        memory = f", peak memory {peak / 2**30:.2f} GiB above the inputs" if peak is not None else ""
+        print(f"  {name:<22} {sec * 1e3:9.3f} ms{memory}")
     if attention:
         print(f"\nattention fwd+bwd per layer by SDPA backend: SDPA's own choice {default_sec * 1e3:.3f} ms; " + ", ".join(
             f"{n} {s * 1e3:.3f} ms" for n, s in sorted(attention.items(), key=lambda kv: kv[1])))

@@ -71,6 +71,7 @@ def test_bench_command_runs_the_training_loop_and_prints_a_table(tmp_path, capsy
     assert "tokens/s" in printed and "MFU (measured)" in printed and "smoke" in printed
     (r,) = json.loads(out.read_text())
     assert r["windows"] == 2 and r["nproc"] == 1 and r["compile"] is False and r["attention_backend"] == "auto"
+    assert r["loss_chunk_size"] == 1024  # the CPU default, as the run used it
     assert r["model"]["d_model"] == 64 and r["tokens_per_step"] == 4 * 64
     assert r["tokens_per_sec"] > 0 and r["step_time"] > 0 and r["matmul_flops"] > 0
     assert r["flops_per_token"] == pytest.approx(6 * (r["n_params"] - 64 * 64) + 12 * 2 * 64 * 64)
@@ -97,9 +98,11 @@ def test_scaling_efficiency_is_tokens_per_sec_over_n_times_one_process():
     assert "| cpu-small | eager | 2 |" in format_table([_fake(1, 1000.0), _fake(2, 1800.0)], markdown=True)
 
 
-def test_a_pinned_attention_backend_names_the_variant():
+def test_a_pinned_attention_backend_and_a_chunked_loss_name_the_variant():
     row = {**_fake(1, 1000.0), "compile": True, "attention_backend": "cudnn"}
     assert "| cpu-small | compile+cudnn | 1 |" in format_table([row], markdown=True)
+    row["loss_chunk_size"] = 4096
+    assert "| cpu-small | compile+cudnn+loss/4096 | 1 |" in format_table([row], markdown=True)
 
 
 def test_measuring_the_peak_leaves_the_global_rng_alone():

@@ -68,6 +68,8 @@ LAYOUTS = {
     "fsdp2_tp2": (4, ["--dp-shard", "2", "--tp", "2"]),
     # FSDP2 replicas over TP pairs: 2 micro-batches per rank, all-reduced across replicas on the last only
     "hsdp2_tp2": (4, ["--dp-replicate", "2", "--tp", "2"]),
+    # The chunked training loss on FSDP2's unsharded head weight (tied to the sharded embedding)
+    "fsdp2_loss_chunks": (2, ["--dp-shard", "2", "--loss-chunk-size", "24"]),
 }
 
 

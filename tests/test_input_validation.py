@@ -85,6 +85,10 @@ def test_toy_data_and_train_data_together_are_refused(tmp_path, capsys):
                                    "--sample-every 0."),
     (["--pad-vocab-multiple", "0"], "--pad-vocab-multiple must be at least 1 (1: no padding), got 0."),
     (["--pad-vocab-multiple", "-1"], "--pad-vocab-multiple must be at least 1 (1: no padding), got -1."),
+    (["--loss-chunk-size", "-1"], "--loss-chunk-size must be ≥ 0 (0: off), got -1."),
+    # The chunked loss reads the head's weight whole; tensor parallel splits it over the ranks.
+    (["--loss-chunk-size", "512", "--tp", "2"], "--loss-chunk-size does not work with tensor parallel: the LM "
+                                                "head's weight is split over the ranks there. Drop one of the two."),
     # Was: nothing recorded, nothing said.
     (["--use-profiler"], "--use-profiler needs 10 steps for one profiling cycle (--profile-wait 5 + "
                          "--profile-warmup 2 + --profile-active 3), but --num-steps is 2. Raise --num-steps to at "

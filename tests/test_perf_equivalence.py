@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from gptrain.chunked_loss import chunked_linear_cross_entropy
 from gptrain.model import GPT, ModelConfig
 
 
@@ -73,25 +74,90 @@ def test_padded_logits_are_minus_inf_under_bf16_autocast_too():
     assert torch.isneginf(logits[..., 100:]).all() and torch.isfinite(logits[..., :100]).all()
 
 
+def test_chunked_loss_is_cross_entropy_with_its_gradients():
+    """Chunks of one token, of a size that does not divide the tokens, of all of them and of more give
+    F.cross_entropy's mean loss over the real vocabulary and its gradients (fp64: exact to rounding);
+    the padding rows of the weight get none."""
+    torch.manual_seed(0)
+    n, d, padded, vocab = 37, 16, 64, 50
+    h = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(padded, d, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, vocab, (n,))
+    t[0] = vocab - 1  # the last real id, next to the padding
+    ref = F.cross_entropy(h @ w[:vocab].t(), t)
+    ref_grads = torch.autograd.grad(ref * 3.0, (h, w))  # an outer factor, as gradient accumulation makes
+    for chunk in (1, 5, 37, 100):
+        loss = chunked_linear_cross_entropy(h, w, t, vocab, chunk)
+        grads = torch.autograd.grad(loss * 3.0, (h, w))
+        assert loss.dtype == torch.float64 and abs(loss.item() - ref.item()) < 1e-12, chunk
+        for g, r in zip(grads, ref_grads, strict=True):
+            assert torch.allclose(g, r, rtol=0, atol=1e-12), chunk
+        assert torch.count_nonzero(grads[1][vocab:]) == 0
+    with torch.no_grad():  # no gradients computed or kept
+        loss = chunked_linear_cross_entropy(h, w, t, vocab, 5)
+    assert loss.grad_fn is None and abs(loss.item() - ref.item()) < 1e-12
+
+
+def test_chunked_loss_under_bf16_autocast_keeps_fp32_gradients_and_the_scale():
+    """Under autocast the logits are a bf16 product and the softmax fp32, as F.cross_entropy under autocast;
+    a large outer factor (fp16's gradient scaler) is applied in fp32 after the low-precision products."""
+    torch.manual_seed(0)
+    h = torch.randn(40, 32, requires_grad=True)
+    w = (0.1 * torch.randn(128, 32)).requires_grad_()
+    t = torch.randint(0, 100, (40,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = F.linear(h, w)
+        logits[:, 100:] = float("-inf")
+        ref = F.cross_entropy(logits, t)
+        loss = chunked_linear_cross_entropy(h, w, t, 100, 16)
+    assert loss.dtype == torch.float32 and abs(loss.item() - ref.item()) < 1e-5
+    ref_grads = torch.autograd.grad(ref, (h, w))
+    grads = torch.autograd.grad(loss * 2.0**16, (h, w))
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert g.dtype == torch.float32
+        assert torch.allclose(g / 2.0**16, r, rtol=0, atol=0.01 * r.abs().max().item())
+
+
+def test_chunked_loss_gives_the_plain_loss_curve():
+    """GPT.loss_chunk_size (--loss-chunk-size) trains on the plain head's curve within fp32 rounding."""
+    def chunked(model: GPT, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        model.loss_chunk_size = 7  # 64 tokens: nine chunks, the last one short
+        return model(x, y)
+
+    plain, plain_model = train_losses(lambda m, x, y: m(x, y), 10)
+    chunk, chunk_model = train_losses(chunked, 10)
+    assert chunk[-1] < 0.8 * chunk[0]
+    assert max(abs(a - b) for a, b in zip(plain, chunk, strict=True)) < 1e-5, (plain, chunk)
+    for (name, a), b in zip(plain_model.named_parameters(), chunk_model.parameters(), strict=True):
+        if a.dim() >= 2:  # as in the fused-AdamW test: the qkv key bias's zero gradient is rounding noise
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), name
+
+
 def test_compiled_training_follows_the_eager_loss_curve(byte_dataset, tmp_path):
-    """--compile (one process: the whole model as one graph) trains on the eager curve within fp tolerance."""
+    """--compile (one process: the whole model as one graph) trains on the eager curve within fp tolerance,
+    with the plain head and with --loss-chunk-size (its autograd function traced into the graph)."""
     import json
 
     from conftest import fast_overrides
 
     from gptrain.config import build_config
-    from gptrain.trainer import train
+    from gptrain.trainer import Trainer
 
     curves = {}
-    for compile_ in (False, True):
-        extra = {"train.compile": compile_, "train.run_name": f"c{int(compile_)}", "model.n_layers": 1,
-                 "train.num_steps": 4, "train.log_every": 1, "train.eval_every": 0, "train.sample_tokens": 0}
+    for compile_, chunk in ((False, 0), (True, 0), (True, 50)):
+        extra = {"train.compile": compile_, "train.loss_chunk_size": chunk, "train.run_name": f"c{compile_:d}{chunk}",
+                 "model.n_layers": 1, "train.num_steps": 4, "train.log_every": 1, "train.eval_every": 0,
+                 "train.sample_tokens": 0}
         cfg, explicit = build_config(fast_overrides(byte_dataset, tmp_path, **extra))
-        run_dir = train(cfg, explicit).run_dir
+        trainer = Trainer(cfg, explicit)
+        assert trainer.raw_model.loss_chunk_size == chunk
+        run_dir = trainer.fit().run_dir
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        curves[compile_] = [r["train/loss"] for r in rows if "train/loss" in r]
-    assert len(curves[True]) == 4
-    assert max(abs(a - b) for a, b in zip(curves[False], curves[True], strict=True)) < 1e-4, curves
+        curves[compile_, chunk] = [r["train/loss"] for r in rows if "train/loss" in r]
+    eager = curves[False, 0]
+    assert len(eager) == 4
+    for key in ((True, 0), (True, 50)):
+        assert max(abs(a - b) for a, b in zip(eager, curves[key], strict=True)) < 1e-4, curves
 
 
 def test_fused_adamw_on_cpu_follows_the_foreach_curve():
@@ -146,9 +212,14 @@ def test_pinned_attention_backend_is_the_one_that_runs_and_keeps_the_loss_curve(
         assert any("flash_attention" in n for n in names) == flash_runs, (backend, sorted(names))
 
 
-def test_attention_backend_setting_reaches_every_block(byte_dataset, tmp_path):
+def test_attention_backend_and_default_loss_chunks_reach_the_model(byte_dataset, tmp_path):
+    """--attention-backend reaches every block; --loss-chunk-size left out is chunked on CPU, and the run's
+    environment.json records the value used."""
+    import json
+
     from conftest import fast_overrides
 
+    from gptrain.chunked_loss import CPU_LOSS_CHUNK_SIZE, resolve_loss_chunk_size
     from gptrain.config import build_config
     from gptrain.trainer import Trainer
 
@@ -156,4 +227,11 @@ def test_attention_backend_setting_reaches_every_block(byte_dataset, tmp_path):
         "train.attention_backend": "math", "train.num_steps": 2, "train.eval_every": 0, "train.sample_tokens": 0}))
     trainer = Trainer(cfg, explicit)
     assert [b.attn.backend for b in trainer.raw_model.blocks.values()] == ["math", "math"]
-    assert trainer.fit().status == "finished"
+    assert trainer.raw_model.loss_chunk_size == CPU_LOSS_CHUNK_SIZE
+    result = trainer.fit()
+    assert result.status == "finished"
+    assert json.loads((result.run_dir / "environment.json").read_text())["loss_chunk_size"] == CPU_LOSS_CHUNK_SIZE
+    # Elsewhere the default is the plain head: CUDA (not measured there yet) and tensor parallel (a split head).
+    assert resolve_loss_chunk_size(None, torch.device("cuda"), tensor_parallel=False) == 0
+    assert resolve_loss_chunk_size(None, torch.device("cpu"), tensor_parallel=True) == 0
+    assert resolve_loss_chunk_size(256, torch.device("cuda"), tensor_parallel=False) == 256

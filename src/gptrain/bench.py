@@ -289,6 +289,7 @@ def summarize(trainer, rows: list[dict[str, Any]], *, name: str, wall: float, wi
         "compile": bool(cfg.train.compile),
         "ac": getattr(getattr(cfg, "parallel", None), "ac", "none"),
         "attention_backend": cfg.train.attention_backend,
+        "loss_chunk_size": trainer.loss_chunk_size,
         "nproc": world,
         "threads": torch.get_num_threads(),
         "model": {"n_layers": cfg.model.n_layers, "n_heads": cfg.model.n_heads, "d_model": cfg.model.d_model,
@@ -386,6 +387,8 @@ def format_table(results: list[dict[str, Any]], markdown: bool = False) -> str:
         variant = ("compile" if r["compile"] else "eager") + ("+ac" if r.get("ac") not in (None, "none") else "")
         if r.get("attention_backend", "auto") != "auto":
             variant += f"+{r['attention_backend']}"
+        if r.get("loss_chunk_size"):
+            variant += f"+loss/{r['loss_chunk_size']}"
         rows.append([r["name"] or "-", variant, str(r["nproc"]), str(r["threads"]), f"{r['tokens_per_sec']:,.0f}",
                      f"{r['tokens_per_sec_min']:,.0f}–{r['tokens_per_sec_max']:,.0f}", f"{1000 * r['step_time']:.0f}",
                      fmt_flops(r["model_flops_per_sec"]), fmt_flops(r["matmul_flops"]),
@@ -404,7 +407,7 @@ def format_table(results: list[dict[str, Any]], markdown: bool = False) -> str:
 
 def scaling_lines(results: list[dict[str, Any]]) -> list[str]:
     def setup(r: dict[str, Any]) -> tuple:  # results compared across process counts share all of these
-        return r["name"], r["compile"], r.get("ac"), r.get("attention_backend")
+        return r["name"], r["compile"], r.get("ac"), r.get("attention_backend"), r.get("loss_chunk_size")
 
     base = {}
     for r in results:

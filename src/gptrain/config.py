@@ -63,6 +63,9 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     compile: bool = False
     attention_backend: str = "auto"  # auto | flash | cudnn | efficient | math (gptrain.model.ATTENTION_BACKENDS)
+    # The loss (LM head + cross-entropy) this many tokens at a time, without keeping the logits
+    # (gptrain.chunked_loss); 0: the plain head and F.cross_entropy; None: auto (gptrain.trainer.resolve_loss_chunk_size).
+    loss_chunk_size: int | None = None
     # CPU: make glibc reuse freed tensor memory instead of faulting in fresh pages every step
     # (gptrain.host_memory; 3–18% of a step of the CPU reference configuration, for ~20% more peak RSS).
     reuse_host_memory: bool = True
@@ -240,6 +243,9 @@ OPTIONS: list[Option] = [
     Option("train.attention_backend", ("--attention-backend",), "scaled_dot_product_attention backend for training "
            "and its evaluations: auto (PyTorch picks per call), flash, cudnn, efficient, math (generation stays auto)",
            choices=ATTENTION_BACKENDS),
+    Option("train.loss_chunk_size", ("--loss-chunk-size",), "compute the loss (LM head and cross-entropy) this "
+           "many tokens at a time, never holding all the logits: less memory and traffic with a large vocabulary "
+           "(0: off; default: 1024 on CPU, off on CUDA and under tensor parallel)"),
     Option("train.reuse_host_memory", ("--reuse-host-memory",),
            "CPU: keep freed tensor memory for reuse instead of faulting in new pages every step "
            "(default on; --no-reuse-host-memory: glibc's defaults)", negate="--no-reuse-host-memory"),
@@ -550,6 +556,12 @@ def validate_parallel(cfg: Config) -> None:
         raise UserError(f"unknown --ac '{p.ac}'. Choose none, full or selective.")
     if p.timeout <= 0:
         raise UserError(f"--dist-timeout must be positive (seconds), got {p.timeout}.")
+    chunk = cfg.train.loss_chunk_size
+    if chunk is not None and chunk < 0:
+        raise UserError(f"--loss-chunk-size must be ≥ 0 (0: off), got {chunk}.")
+    if chunk and (p.tp != 1 or p.use_tensor_parallel):
+        raise UserError("--loss-chunk-size does not work with tensor parallel: the LM head's weight is split over "
+                        "the ranks there. Drop one of the two.")
     if cfg.train.compile and p.ac != "none" and (p.tp != 1 or p.use_tensor_parallel):
         raise UserError("--compile with activation checkpointing (--ac) under tensor parallel fails inside "
                         "torch.compile in this PyTorch (checkpointed DTensor activations). Drop --compile or --ac "

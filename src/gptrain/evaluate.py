@@ -14,7 +14,6 @@ import math
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from gptrain.data.loader import eval_rows, eval_windows, inputs_and_targets
 
@@ -48,9 +47,10 @@ def evaluate_loss(
         windows = range(start, end) if scored else range(min(lo, n - 1), min(lo, n - 1) + 1)
         x, y = inputs_and_targets(eval_rows(val_tokens, seq_len, windows).to(device))
         with autocast or contextlib.nullcontext():
-            logits = model(x)
+            # The model's own mean loss: chunked like training's when that is (no B·T·V logits kept).
+            loss = model(x, y)
         if scored:
-            loss_sum += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
+            loss_sum += loss.double() * y.numel()
             count += y.numel()
     if dp_world > 1 and dist.is_initialized():
         dist.all_reduce(loss_sum, group=dp_group)
@@ -65,6 +65,7 @@ def evaluate_checkpoint(path: str, data: str | None = None, eval_tokens: int | N
     """`gptrain eval`: score a trained model on a dataset's val split (default: its training dataset)."""
     from pathlib import Path
 
+    from gptrain.chunked_loss import resolve_loss_chunk_size
     from gptrain.config import Config
     from gptrain.data.loader import open_tokens
     from gptrain.data.prepare import read_meta
@@ -89,6 +90,7 @@ def evaluate_checkpoint(path: str, data: str | None = None, eval_tokens: int | N
                         "model's tokenizer.json (hf:PATH).")
     val = open_tokens(dataset / "val.bin", meta["dtype"])
     dev = next(model.parameters()).device
+    model.loss_chunk_size = resolve_loss_chunk_size(None, dev, tensor_parallel=False)
     seq_len = cfg.data.seq_len or cfg.model.max_position_embeddings
     loss, ppl, n = evaluate_loss(model, val, seq_len, cfg.train.eval_tokens if eval_tokens is None else eval_tokens,
                                  cfg.train.batch_size if batch_size is None else batch_size, dev)

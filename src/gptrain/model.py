@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gptrain.chunked_loss import chunked_linear_cross_entropy
+
 
 @dataclass
 class ModelConfig:
@@ -172,6 +174,9 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, V, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        # Tokens per chunk of the training loss (gptrain.chunked_loss); 0: the plain head and cross-entropy.
+        # A setting of how to train, not of the weights, so it is not in the ModelConfig checkpoints carry.
+        self.loss_chunk_size = 0
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -206,7 +211,11 @@ class GPT(nn.Module):
             x = block(x, kv_cache, i)
         if kv_cache is not None:
             kv_cache.length += T
-        logits = self.lm_head(self.ln_f(x))
+        x = self.ln_f(x)
+        if targets is not None and self.loss_chunk_size:
+            return chunked_linear_cross_entropy(x.view(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
+                                                self.cfg.vocab_size, self.loss_chunk_size)
+        logits = self.lm_head(x)
         if logits.size(-1) > self.cfg.vocab_size:
             # The padding ids can never be predicted. Written in place into the pad columns only (the
             # matmul's backward does not need its output): adding a -inf mask row instead would read

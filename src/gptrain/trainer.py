@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from gptrain import checkpoint as ckpt_lib
+from gptrain.chunked_loss import resolve_loss_chunk_size
 from gptrain.config import RAW_DATA_PATHS, SHAPE_KEYS, Config, check_profiler_fits, flag_of, validate
 from gptrain.console import RunConsole
 from gptrain.data.dataset import resolve_dataset
@@ -335,6 +336,9 @@ class Trainer:
         model = GPT(cfg.model).to(self.device)
         check_attention_backend(cfg.train.attention_backend, self.device, self.precision, cfg.model)
         model.set_attention_backend(cfg.train.attention_backend)
+        self.loss_chunk_size = resolve_loss_chunk_size(cfg.train.loss_chunk_size, self.device,
+                                                       self.dist.layout.tp > 1)
+        model.loss_chunk_size = self.loss_chunk_size
         self.raw_model = model
         self.n_params = model.num_parameters()
         self.n_params_non_embedding = model.num_parameters(non_embedding=True)
@@ -658,6 +662,7 @@ class Trainer:
             mfu={"formula": MFU_FORMULA, "flops_per_token": self.flops_per_token, "peak_flops": self.peak_flops,
                  "peak_flops_source": self.peak_flops_source},
             precision=self.precision,
+            loss_chunk_size=self.loss_chunk_size,
             host_allocator=self.host_allocator,
             dataset_dir=str(self.dataset_dir),
             dataset_fingerprint=(self.meta.get("inputs") or {}).get("fingerprint"),
