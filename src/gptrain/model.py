@@ -174,8 +174,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, V, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        # Tokens per chunk of the training loss (gptrain.chunked_loss); 0: the plain head and cross-entropy.
-        # A setting of how to train, not of the weights, so it is not in the ModelConfig checkpoints carry.
+        # Tokens per chunk when forward() computes the loss (gptrain.chunked_loss); 0: the plain head and
+        # cross-entropy. How to compute, not what: it is not in the ModelConfig that checkpoints carry.
         self.loss_chunk_size = 0
         self.reset_parameters()
 
