@@ -73,9 +73,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        # Scaled in fp32: the low-precision products above hold unscaled gradients (softmax minus one-hot,
-        # at most 1 in size), which fp16 represents well; the mean's 1/n, or a gradient scaler's
-        # factor, applied before the cast would push them out of its range.
+        # Scaled in fp32: the low-precision products above hold unscaled gradients (softmax minus one-hot, at
+        # most 1 in size), which fp16 represents well; with the mean's 1/n folded in before the cast, most
+        # would fall below fp16's normal range (tests/test_perf_equivalence.py measures it).
         scale = grad_loss.to(grad_weight.dtype) / ctx.n
         hidden_dtype, weight_dtype = ctx.dtypes
         return ((grad_hidden.to(grad_weight.dtype) * scale).to(hidden_dtype), (grad_weight * scale).to(weight_dtype),
