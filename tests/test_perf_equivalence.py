@@ -141,7 +141,9 @@ def test_chunked_loss_gives_the_plain_loss_curve():
     """GPT.loss_chunk_size (--loss-chunk-size) trains on the plain head's curve within fp32 rounding."""
     def chunked(model: GPT, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         model.loss_chunk_size = 7  # 64 tokens: nine chunks, the last one short
-        return model(x, y)
+        loss = model(x, y)
+        assert type(loss.grad_fn).__name__ == "_ChunkedLinearCrossEntropyBackward"  # the chunked path ran
+        return loss
 
     plain, plain_model = train_losses(lambda m, x, y: m(x, y), 10)
     chunk, chunk_model = train_losses(chunked, 10)
