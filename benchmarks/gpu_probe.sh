@@ -2,13 +2,14 @@
 # Where the time of a compiled gpt2 step goes on one CUDA GPU, and whether Inductor's tuning options
 # buy some of it back: the measurements the issue's ≥ 50% MFU target (gpt2, compiled) needs next.
 # About 8-12 minutes on an H100/H200, most of it compilation; installs nothing from the network. The
-# steps run in order of what they tell, each writing its files at once, so a run cut short by a device
-# call's 10-minute limit keeps what it measured. Or split it: STEPS="syncs base parts profile", then
-# STEPS="cudnn loss cdt autotune".
+# steps run in order of what they can change (first the figure and the two settings that could become
+# defaults on CUDA, then the checks and diagnostics), each writing its files at once, so a run cut short by
+# a device call's 10-minute limit keeps what it measured. Or split it: STEPS="base loss cudnn syncs", then
+# STEPS="parts profile cdt autotune".
 #
 #   bash benchmarks/gpu_probe.sh [OUT_DIR]        # default: gpu_probe/ (tables, JSON, profiler trace)
 #
-# Steps (STEPS="syncs base parts profile cudnn loss cdt autotune" by default; each under its own time limit):
+# Steps (STEPS="base loss cudnn syncs parts profile cdt autotune" by default; each under its own time limit):
 #   syncs     benchmarks/gpu_sync_check.py: no host-device synchronisation in the hot loop (eager and compiled,
 #             a 2-layer gpt2-shaped model; torch.cuda.set_sync_debug_mode outside log/eval/checkpoint steps)
 #   base      `gptrain bench --named gpt2 --variants compile` (batch 32, bf16): the figure to beat
@@ -33,7 +34,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
-STEPS=${STEPS:-"syncs base parts profile cudnn loss cdt autotune"}
+STEPS=${STEPS:-"base loss cudnn syncs parts profile cdt autotune"}
 OUT=$(mkdir -p "${1:-gpu_probe}" && cd "${1:-gpu_probe}" && pwd)
 
 if ! "$PY" -m pip install --no-deps --no-build-isolation -q -e . >/dev/null 2>&1; then
