@@ -4,8 +4,9 @@
 # About 8-12 minutes on an H100/H200, most of it compilation; installs nothing from the network. The
 # steps run in order of what they can change (first the figure and the two settings that could become
 # defaults on CUDA, then the checks and diagnostics), each writing its files at once, so a run cut short by
-# a device call's 10-minute limit keeps what it measured. Or split it: STEPS="base loss cudnn syncs", then
-# STEPS="parts profile cdt autotune".
+# a device call's 10-minute limit keeps what it measured. Or split it so each call's step limits fit in
+# 10 minutes: STEPS="base loss cudnn" (3 × 150 s at most), then STEPS="syncs parts profile" (450 s), then
+# STEPS="cdt autotune" (540 s).
 #
 #   bash benchmarks/gpu_probe.sh [OUT_DIR]        # default: gpu_probe/ (tables, JSON, profiler trace)
 #

@@ -62,7 +62,7 @@ def max_rel_diff(a: dict[int, float], b: dict[int, float], steps) -> float:
 
 
 LAYOUTS = {
-    "ddp2": (2, []),
+    "ddp2": (2, ["--loss-chunk-size", "0"]),  # the plain head (CUDA's default; CPU's is chunked)
     "fsdp2": (2, ["--dp-shard", "2", "--ac", "selective"]),
     "tp2": (2, ["--tp", "2", "--use-activation-checkpoint"]),
     "fsdp2_tp2": (4, ["--dp-shard", "2", "--tp", "2"]),

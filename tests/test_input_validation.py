@@ -89,6 +89,10 @@ def test_toy_data_and_train_data_together_are_refused(tmp_path, capsys):
     # The chunked loss reads the head's weight whole; tensor parallel splits it over the ranks.
     (["--loss-chunk-size", "512", "--tp", "2"], "--loss-chunk-size does not work with tensor parallel: the LM "
                                                 "head's weight is split over the ranks there. Drop one of the two."),
+    # Its fp16 gradient products come before the scaler's factor and could overflow beyond its help.
+    (["--loss-chunk-size", "512", "--precision", "fp16"], "--loss-chunk-size does not work with --precision fp16: "
+     "its gradient products are made in fp16 before the gradient scaler's factor and can overflow where the "
+     "scaler cannot help. Use --precision bf16, or --loss-chunk-size 0."),
     # Was: nothing recorded, nothing said.
     (["--use-profiler"], "--use-profiler needs 10 steps for one profiling cycle (--profile-wait 5 + "
                          "--profile-warmup 2 + --profile-active 3), but --num-steps is 2. Raise --num-steps to at "

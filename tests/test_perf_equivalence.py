@@ -97,6 +97,14 @@ def test_chunked_loss_is_cross_entropy_with_its_gradients():
     with torch.no_grad():  # no gradients computed or kept
         loss = chunked_linear_cross_entropy(h, w, t, vocab, 5)
     assert loss.grad_fn is None and abs(loss.item() - ref.item()) < 1e-12
+    for needs in ("hidden", "weight"):  # one input wanting a gradient: it gets the reference one
+        h1, w1 = h.detach().requires_grad_(needs == "hidden"), w.detach().requires_grad_(needs == "weight")
+        (g,) = torch.autograd.grad(chunked_linear_cross_entropy(h1, w1, t, vocab, 5) * 3.0, h1 if needs == "hidden" else w1)
+        assert torch.allclose(g, ref_grads[0 if needs == "hidden" else 1], rtol=0, atol=1e-12), needs
+    # The gradients are stored values: asking for a second derivative is an error, not a silent zero.
+    (g,) = torch.autograd.grad(chunked_linear_cross_entropy(h, w, t, vocab, 5), h, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        g.sum().backward()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -256,3 +264,19 @@ def test_attention_backend_and_default_loss_chunks_reach_the_model(byte_dataset,
     assert resolve_loss_chunk_size(None, torch.device("cuda"), tensor_parallel=False) == 0
     assert resolve_loss_chunk_size(None, torch.device("cpu"), tensor_parallel=True) == 0
     assert resolve_loss_chunk_size(256, torch.device("cuda"), tensor_parallel=False) == 256
+
+
+def test_compiling_many_loss_chunks_is_warned_about(byte_dataset, tmp_path, capsys):
+    """torch.compile unrolls the chunk loop: many chunks per micro-batch mean a long compilation."""
+    from conftest import fast_overrides
+
+    from gptrain.config import build_config
+    from gptrain.trainer import Trainer
+
+    for chunk, warned in ((1, True), (2, False)):  # 4 × 32 tokens per micro-batch: 128 chunks, then 64 (the limit)
+        cfg, explicit = build_config(fast_overrides(byte_dataset, tmp_path, **{
+            "train.compile": True, "train.loss_chunk_size": chunk, "train.run_name": f"chunks{chunk}"}))
+        Trainer(cfg, explicit)
+        out = capsys.readouterr().out
+        assert ("chunks per micro-batch (4 × 32 tokens), and --compile unrolls them all" in out) == warned, out
+        assert ("makes 128 chunks" in out) == warned

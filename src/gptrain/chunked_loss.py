@@ -14,6 +14,10 @@ bf16/fp16 product and the softmax is taken in fp32, as `F.cross_entropy` does un
 
 Costs and limits: the weight's gradient is accumulated over chunks in fp32 (vocab × d_model × 4
 bytes). Where no gradient is wanted (evaluation, under `torch.no_grad`) only the loss is computed.
+Not for fp16 training: a chunk's weight-gradient product (a sum over its tokens) is made in fp16
+before any gradient scaling and can overflow where a scaler could not help (training refuses the
+combination; bf16 has fp32's range). Under `torch.compile` the chunk loop is unrolled, so compile
+time grows with the number of chunks per micro-batch (the trainer warns above 64).
 The loss is the mean over all tokens. A chunk size too small for the machine's matrix products to run
 at full speed slows the head down: on CPU, 1024 and 2048 tokens were equally fast, 512 and 4096 slower.
 """
@@ -39,13 +43,13 @@ def resolve_loss_chunk_size(requested: int | None, device: torch.device, tensor_
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
-                chunk_size: int, with_grad: bool) -> torch.Tensor:
+                chunk_size: int, want_grad_hidden: bool, want_grad_weight: bool) -> torch.Tensor:
         n = hidden.size(0)
         # Softmax, loss and the weight's gradient sum in fp32 at least (fp64 inputs stay fp64).
         acc = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
         loss = torch.zeros((), dtype=acc, device=hidden.device)
-        grad_hidden_chunks = []
-        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if with_grad else None
+        grad_hidden = None  # allocated at the first chunk, in the dtype of its products
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_grad_weight else None
         for start in range(0, n, chunk_size):
             h = hidden[start:start + chunk_size]
             t = targets[start:start + chunk_size]
@@ -56,30 +60,34 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             # log_softmax and softmax, not logsumexp and exp: on CPU the fused softmax kernels are fast for any
             # logits, while a plain exp of very negative ones takes a slow path (5x, measured).
             loss = loss - torch.log_softmax(logits, dim=1).gather(1, t.unsqueeze(1)).sum()
-            if with_grad:
+            if want_grad_hidden or want_grad_weight:
                 # d(sum of losses)/d(logits) = softmax - one_hot(target); the 1/n of the mean comes after.
                 grad_logits = torch.softmax(logits, dim=1)
                 grad_logits.scatter_add_(1, t.unsqueeze(1), torch.full_like(t, -1, dtype=acc).unsqueeze(1))
                 grad_logits = grad_logits.to(product.dtype)
-                grad_hidden_chunks.append(grad_logits @ weight)
-                grad_weight += grad_logits.t() @ h
-        if with_grad:
-            grad_hidden = torch.cat(grad_hidden_chunks)
-            ctx.save_for_backward(grad_hidden, grad_weight)
-            ctx.n = n
-            ctx.dtypes = (hidden.dtype, weight.dtype)
+                if want_grad_hidden:
+                    if grad_hidden is None:
+                        grad_hidden = hidden.new_empty(hidden.shape, dtype=product.dtype)
+                    grad_hidden[start:start + chunk_size] = grad_logits @ weight
+                if want_grad_weight:
+                    grad_weight += grad_logits.t() @ h
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.n = n
+        ctx.dtypes = (hidden.dtype, weight.dtype, acc)
         return loss / n
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the gradients are stored values: no second derivative
     def backward(ctx, grad_loss: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
         # Scaled in fp32: the low-precision products above hold unscaled gradients (softmax minus one-hot, at
-        # most 1 in size), which fp16 represents well; with the mean's 1/n folded in before the cast, most
-        # would fall below fp16's normal range (tests/test_perf_equivalence.py measures it).
-        scale = grad_loss.to(grad_weight.dtype) / ctx.n
-        hidden_dtype, weight_dtype = ctx.dtypes
-        return ((grad_hidden.to(grad_weight.dtype) * scale).to(hidden_dtype), (grad_weight * scale).to(weight_dtype),
-                None, None, None, None)
+        # most 1 in size); with the mean's 1/n folded in before an fp16 cast, most would fall below fp16's
+        # normal range (tests/test_perf_equivalence.py measures it).
+        hidden_dtype, weight_dtype, acc = ctx.dtypes
+        scale = grad_loss.to(acc) / ctx.n
+        return (None if grad_hidden is None else (grad_hidden.to(acc) * scale).to(hidden_dtype),
+                None if grad_weight is None else (grad_weight * scale).to(weight_dtype),
+                None, None, None, None, None)
 
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -87,10 +95,12 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, tar
     """Mean cross-entropy of `hidden @ weight.T` against `targets`, `chunk_size` rows at a time.
 
     hidden (N, d), weight (V, d) with V ≥ vocab_size (columns from vocab_size on are padding that is
-    never predicted), targets (N,) of ids below vocab_size. Equal to
-    `F.cross_entropy(masked(hidden @ weight.T), targets)` within floating-point rounding, with its gradients.
+    never predicted), targets (N,) of ids below vocab_size: unlike F.cross_entropy, no ignore_index
+    (-100 is out of range). Equal to `F.cross_entropy(masked(hidden @ weight.T), targets)` within
+    floating-point rounding, with its first derivatives (a second derivative is an error).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
-    with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, vocab_size, chunk_size, with_grad)
+    grad = torch.is_grad_enabled()
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, vocab_size, chunk_size,
+                                            grad and hidden.requires_grad, grad and weight.requires_grad)

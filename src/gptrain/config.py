@@ -64,7 +64,7 @@ class TrainConfig:
     compile: bool = False
     attention_backend: str = "auto"  # auto | flash | cudnn | efficient | math (gptrain.model.ATTENTION_BACKENDS)
     # The loss (LM head + cross-entropy) this many tokens at a time, without keeping the logits
-    # (gptrain.chunked_loss); 0: the plain head and F.cross_entropy; None: auto (gptrain.trainer.resolve_loss_chunk_size).
+    # (gptrain.chunked_loss); 0: the plain head and F.cross_entropy; None: auto (chunked_loss.resolve_loss_chunk_size).
     loss_chunk_size: int | None = None
     # CPU: make glibc reuse freed tensor memory instead of faulting in fresh pages every step
     # (gptrain.host_memory; 3–18% of a step of the CPU reference configuration, for ~20% more peak RSS).
@@ -245,7 +245,7 @@ OPTIONS: list[Option] = [
            choices=ATTENTION_BACKENDS),
     Option("train.loss_chunk_size", ("--loss-chunk-size",), "compute the loss (LM head and cross-entropy) this "
            "many tokens at a time, never holding all the logits: less memory and traffic with a large vocabulary "
-           "(0: off; default: 1024 on CPU, off on CUDA and under tensor parallel)"),
+           "(0: off; default: 1024 on CPU, off on CUDA and under tensor parallel; not with fp16)"),
     Option("train.reuse_host_memory", ("--reuse-host-memory",),
            "CPU: keep freed tensor memory for reuse instead of faulting in new pages every step "
            "(default on; --no-reuse-host-memory: glibc's defaults)", negate="--no-reuse-host-memory"),
@@ -562,6 +562,10 @@ def validate_parallel(cfg: Config) -> None:
     if chunk and (p.tp != 1 or p.use_tensor_parallel):
         raise UserError("--loss-chunk-size does not work with tensor parallel: the LM head's weight is split over "
                         "the ranks there. Drop one of the two.")
+    if chunk and cfg.train.precision == "fp16":
+        raise UserError("--loss-chunk-size does not work with --precision fp16: its gradient products are made in "
+                        "fp16 before the gradient scaler's factor and can overflow where the scaler cannot help. "
+                        "Use --precision bf16, or --loss-chunk-size 0.")
     if cfg.train.compile and p.ac != "none" and (p.tp != 1 or p.use_tensor_parallel):
         raise UserError("--compile with activation checkpointing (--ac) under tensor parallel fails inside "
                         "torch.compile in this PyTorch (checkpointed DTensor activations). Drop --compile or --ac "

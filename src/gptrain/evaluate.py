@@ -90,7 +90,7 @@ def evaluate_checkpoint(path: str, data: str | None = None, eval_tokens: int | N
                         "model's tokenizer.json (hf:PATH).")
     val = open_tokens(dataset / "val.bin", meta["dtype"])
     dev = next(model.parameters()).device
-    model.loss_chunk_size = resolve_loss_chunk_size(None, dev, tensor_parallel=False)
+    model.loss_chunk_size = resolve_loss_chunk_size(cfg.train.loss_chunk_size, dev, tensor_parallel=False)
     seq_len = cfg.data.seq_len or cfg.model.max_position_embeddings
     loss, ppl, n = evaluate_loss(model, val, seq_len, cfg.train.eval_tokens if eval_tokens is None else eval_tokens,
                                  cfg.train.batch_size if batch_size is None else batch_size, dev)
