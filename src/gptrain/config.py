@@ -497,6 +497,20 @@ def validate(cfg: Config) -> None:
     if t.attention_backend not in ATTENTION_BACKENDS:
         raise UserError(f"unknown --attention-backend '{t.attention_backend}'. Choose "
                         f"{', '.join(ATTENTION_BACKENDS[:-1])} or {ATTENTION_BACKENDS[-1]}.")
+    validate_loss_chunks(cfg)
+
+
+def validate_loss_chunks(cfg: Config) -> None:
+    chunk, p = cfg.train.loss_chunk_size, cfg.parallel
+    if chunk is not None and chunk < 0:
+        raise UserError(f"--loss-chunk-size must be ≥ 0 (0: off), got {chunk}.")
+    if chunk and (p.tp != 1 or p.use_tensor_parallel):
+        raise UserError("--loss-chunk-size does not work with tensor parallel: the LM head's weight is split over "
+                        "the ranks there. Drop one of the two.")
+    if chunk and cfg.train.precision == "fp16":
+        raise UserError("--loss-chunk-size does not work with --precision fp16: its gradient products are made in "
+                        "fp16 before the gradient scaler's factor and can overflow where the scaler cannot help. "
+                        "Use --precision bf16, or --loss-chunk-size 0.")
 
 
 def validate_optim(o: OptimConfig) -> None:
@@ -556,16 +570,6 @@ def validate_parallel(cfg: Config) -> None:
         raise UserError(f"unknown --ac '{p.ac}'. Choose none, full or selective.")
     if p.timeout <= 0:
         raise UserError(f"--dist-timeout must be positive (seconds), got {p.timeout}.")
-    chunk = cfg.train.loss_chunk_size
-    if chunk is not None and chunk < 0:
-        raise UserError(f"--loss-chunk-size must be ≥ 0 (0: off), got {chunk}.")
-    if chunk and (p.tp != 1 or p.use_tensor_parallel):
-        raise UserError("--loss-chunk-size does not work with tensor parallel: the LM head's weight is split over "
-                        "the ranks there. Drop one of the two.")
-    if chunk and cfg.train.precision == "fp16":
-        raise UserError("--loss-chunk-size does not work with --precision fp16: its gradient products are made in "
-                        "fp16 before the gradient scaler's factor and can overflow where the scaler cannot help. "
-                        "Use --precision bf16, or --loss-chunk-size 0.")
     if cfg.train.compile and p.ac != "none" and (p.tp != 1 or p.use_tensor_parallel):
         raise UserError("--compile with activation checkpointing (--ac) under tensor parallel fails inside "
                         "torch.compile in this PyTorch (checkpointed DTensor activations). Drop --compile or --ac "

@@ -7,6 +7,7 @@ the pieces the recipe uses (data, model, optimizer, run folder, checkpoints, met
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import sys
 import time
@@ -342,8 +343,8 @@ class Trainer:
         self.loss_chunk_size = resolve_loss_chunk_size(cfg.train.loss_chunk_size, self.device,
                                                        self.dist.layout.tp > 1)
         model.loss_chunk_size = self.loss_chunk_size
-        chunks = -(-cfg.train.batch_size * self.seq_len // max(1, self.loss_chunk_size))
-        if cfg.train.compile and self.loss_chunk_size and chunks > MANY_LOSS_CHUNKS:
+        chunks = math.ceil(cfg.train.batch_size * self.seq_len / self.loss_chunk_size) if self.loss_chunk_size else 0
+        if cfg.train.compile and chunks > MANY_LOSS_CHUNKS:
             self.console.warn(f"--loss-chunk-size {self.loss_chunk_size} makes {chunks} chunks per micro-batch "
                               f"({cfg.train.batch_size} × {self.seq_len} tokens), and --compile unrolls them all: "
                               "compilation will take long. A chunk of 1024 tokens or more is as fast.")

@@ -58,8 +58,9 @@ class Tokenizer:
         raise NotImplementedError
 
     def fingerprint(self) -> str:
-        """A stable hash of the tokenizer's definition (same ids for same text ⇔ same hash)."""
-        raise NotImplementedError
+        """A stable hash of the tokenizer's definition (same ids for same text ⇔ same hash): by default,
+        of its serialized form."""
+        return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()[:16]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(spec={self.spec!r}, vocab_size={self.vocab_size}, eot_id={self.eot_id})"
@@ -126,9 +127,6 @@ class HFTokenizer(Tokenizer):
         if self._json is None:
             self._json = self.hf.to_str()
         return self._json
-
-    def fingerprint(self) -> str:
-        return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()[:16]
 
 
 def find_eot_id(tok, name: str) -> int:
@@ -215,9 +213,6 @@ class CharTokenizer(Tokenizer):
 
     def to_json(self) -> str:
         return json.dumps({"type": "chars", "chars": self.chars}, ensure_ascii=False)
-
-    def fingerprint(self) -> str:
-        return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()[:16]
 
 
 def build_tokenizer(spec: str, training_texts: Callable[[], Iterable[str]] | None = None,
