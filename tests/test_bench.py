@@ -105,6 +105,34 @@ def test_a_pinned_attention_backend_and_a_chunked_loss_name_the_variant():
     assert "| cpu-small | compile+cudnn+loss/4096 | 1 |" in format_table([row], markdown=True)
 
 
+def test_probe_summary_compares_every_finished_step_with_base(tmp_path):
+    """benchmarks/probe_summary.py: what a lent GPU's one probe call ends with, so it must not break unseen."""
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "probe_summary.py"
+    spec = importlib.util.spec_from_file_location("probe_summary", path)
+    summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary)
+    gb = "mem/peak_allocated_gb"
+    steps = {"base": {**_fake(1, 1000.0), "compile": True, "batch_size": 32, "memory": {gb: 16.0}},
+             "loss": {**_fake(1, 1100.0), "compile": True, "batch_size": 32, "loss_chunk_size": 4096,
+                      "memory": {gb: 8.0}, "mfu_spec": 0.45},
+             "batch64": {**_fake(1, 1050.0), "compile": True, "batch_size": 64, "memory": {gb: 20.0}}}
+    for i, (name, row) in enumerate(steps.items()):
+        (tmp_path / f"{name}.json").write_text(json.dumps([row]))
+        os.utime(tmp_path / f"{name}.json", (1000 + i, 1000 + i))  # the order the steps ran in
+    (tmp_path / "broken.json").write_text("{not json")  # a step cut off while writing is skipped, not fatal
+    results = summary.load_steps(tmp_path)
+    assert [r["name"] for r in results] == ["base", "loss", "batch64"]
+    assert summary.against_base(results) == [
+        "loss (compile+loss/4096): tokens/s ×1.100 against base, peak memory 8.0 GB against 16.0 GB, MFU (spec) 45.0%",
+        "batch64 (compile): tokens/s ×1.050 against base (batch 64 against 32), peak memory 20.0 GB against 16.0 GB",
+    ]
+    assert summary.against_base(results[1:]) == ["no 'base' step finished: nothing to compare against"]
+
+
 def test_measuring_the_peak_leaves_the_global_rng_alone():
     state = torch.get_rng_state()
     metrics.measure_matmul_flops(torch.device("cpu"), "fp32", size=64)

@@ -377,6 +377,16 @@ def _fmt_pct(x: float | None) -> str:
     return "unknown" if x is None else f"{100 * x:.1f}%"
 
 
+def variant_label(r: dict[str, Any]) -> str:
+    """What a result measured, in a word or few: eager/compile, +ac, +attention backend, +loss/chunk size."""
+    variant = ("compile" if r["compile"] else "eager") + ("+ac" if r.get("ac") not in (None, "none") else "")
+    if r.get("attention_backend", "auto") != "auto":
+        variant += f"+{r['attention_backend']}"
+    if r.get("loss_chunk_size"):
+        variant += f"+loss/{r['loss_chunk_size']}"
+    return variant
+
+
 def format_table(results: list[dict[str, Any]], markdown: bool = False) -> str:
     head = ["config", "variant", "procs", "threads", "tokens/s", "spread", "step ms", "model FLOP/s",
             "matmul peak", "MFU (measured)", "MFU best/best", "MFU (spec)", "peak mem"]
@@ -384,12 +394,7 @@ def format_table(results: list[dict[str, Any]], markdown: bool = False) -> str:
     for r in results:
         mem = r.get("memory") or {}
         mem_s = ", ".join(f"{k.split('/', 1)[1].replace('_gb', '')} {v:.2f} GB" for k, v in mem.items()) or "n/a"
-        variant = ("compile" if r["compile"] else "eager") + ("+ac" if r.get("ac") not in (None, "none") else "")
-        if r.get("attention_backend", "auto") != "auto":
-            variant += f"+{r['attention_backend']}"
-        if r.get("loss_chunk_size"):
-            variant += f"+loss/{r['loss_chunk_size']}"
-        rows.append([r["name"] or "-", variant, str(r["nproc"]), str(r["threads"]), f"{r['tokens_per_sec']:,.0f}",
+        rows.append([r["name"] or "-", variant_label(r), str(r["nproc"]), str(r["threads"]), f"{r['tokens_per_sec']:,.0f}",
                      f"{r['tokens_per_sec_min']:,.0f}–{r['tokens_per_sec_max']:,.0f}", f"{1000 * r['step_time']:.0f}",
                      fmt_flops(r["model_flops_per_sec"]), fmt_flops(r["matmul_flops"]),
                      _fmt_pct(r["mfu_measured"]), _fmt_pct(r.get("mfu_best")), _fmt_pct(r["mfu_spec"]) if r["device"].startswith("cuda") else "-",
