@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +17,8 @@ from gptrain.bench import format_table, write_synthetic_dataset
 from gptrain.cli import main
 from gptrain.data.prepare import read_meta
 from gptrain.model import GPT, PRESETS, ModelConfig, flops_per_token
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def test_gpt2_flops_per_token_follows_the_documented_formula():
@@ -107,11 +113,7 @@ def test_a_pinned_attention_backend_and_a_chunked_loss_name_the_variant():
 
 def test_probe_summary_compares_every_finished_step_with_base(tmp_path):
     """benchmarks/probe_summary.py: what a lent GPU's one probe call ends with, so it must not break unseen."""
-    import importlib.util
-    import os
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "probe_summary.py"
+    path = BENCHMARKS / "probe_summary.py"
     spec = importlib.util.spec_from_file_location("probe_summary", path)
     summary = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(summary)
@@ -131,6 +133,13 @@ def test_probe_summary_compares_every_finished_step_with_base(tmp_path):
         "batch64 (compile): tokens/s ×1.050 against base (batch 64 against 32), peak memory 20.0 GB against 16.0 GB",
     ]
     assert summary.against_base(results[1:]) == ["no 'base' step finished: nothing to compare against"]
+
+
+@pytest.mark.parametrize("script", ["gpu.sh", "gpu_probe.sh", "gpu_distributed_check.sh"])
+def test_gpu_scripts_parse(script):
+    """The GPU scripts run only on a lent machine, in one call: a syntax error must show here first."""
+    done = subprocess.run(["bash", "-n", str(BENCHMARKS / script)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 def test_measuring_the_peak_leaves_the_global_rng_alone():
