@@ -9,8 +9,9 @@ ROUNDS rounds, with a 4096² fp32 matrix product every third round. Prints each 
 step, its MFU against the fastest matrix product, and the median per-round step-time ratio to the
 first variant. Variants: eager, whole (torch.compile of the
 whole model, what --compile does in one process), block (each block compiled, what it does under
-DDP/FSDP). A suffix "+lossN" computes the loss N tokens at a time (--loss-chunk-size N), e.g.
-eager,eager+loss1024.
+DDP/FSDP). Suffixes: "+lossN" computes the loss N tokens at a time (--loss-chunk-size N), e.g.
+eager,eager+loss1024; "+atengelu" makes the MLP call PyTorch's tanh GELU even when compiled (the code
+before gptrain.model.gelu_tanh's sigmoid form), e.g. whole,whole+atengelu.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import os
 import statistics
 import sys
 import time
+import types
 
 import torch
+import torch.nn.functional as F
 
 from gptrain.config import OptimConfig
 from gptrain.host_memory import reuse_freed_memory
@@ -31,11 +34,22 @@ from gptrain.optim import build_optimizer
 CFG = ModelConfig(vocab_size=8192, max_position_embeddings=256, n_layers=6, n_heads=6, d_model=384)
 
 
+def aten_gelu_forward(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return mlp.dropout(mlp.fc_out(F.gelu(mlp.fc_in(x), approximate="tanh")))
+
+
 def make_step(variant: str, x: torch.Tensor, y: torch.Tensor):
-    kind, _, chunk = variant.partition("+loss")
+    kind, *options = variant.split("+")
     torch.manual_seed(0)
     model = GPT(CFG)
-    model.loss_chunk_size = int(chunk or 0)
+    for option in options:
+        if option.startswith("loss"):
+            model.loss_chunk_size = int(option.removeprefix("loss"))
+        elif option == "atengelu":
+            for block in model.blocks.values():
+                block.mlp.forward = types.MethodType(aten_gelu_forward, block.mlp)
+        else:
+            raise SystemExit(f"unknown option +{option}: +lossN, +atengelu")
     opt = build_optimizer(model, OptimConfig(lr=1e-3), torch.device("cpu"))
     fwd = model
     if kind == "block":
@@ -44,7 +58,7 @@ def make_step(variant: str, x: torch.Tensor, y: torch.Tensor):
     elif kind == "whole":
         fwd = torch.compile(model)
     elif kind != "eager":
-        raise SystemExit(f"unknown variant {kind}: eager, whole, block (each optionally +lossN)")
+        raise SystemExit(f"unknown variant {kind}: eager, whole, block (each optionally +lossN, +atengelu)")
 
     def step() -> None:
         fwd(x, y).backward()

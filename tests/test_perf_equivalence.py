@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from gptrain.chunked_loss import chunked_linear_cross_entropy
-from gptrain.model import GPT, ModelConfig
+from gptrain.model import GPT, ModelConfig, gelu_tanh
 
 
 def small(**kw) -> ModelConfig:
@@ -187,6 +187,27 @@ def test_compiled_training_follows_the_eager_loss_curve(byte_dataset, tmp_path):
     assert len(eager) == 4
     for key in ((True, 0), (True, 50)):
         assert max(abs(a - b) for a, b in zip(eager, curves[key], strict=True)) < 1e-4, curves
+
+
+def test_compiled_cpu_gelu_is_the_tanh_gelu_in_its_sigmoid_form():
+    """Compiled on CPU, gelu_tanh is traced as x·sigmoid(2z) (Inductor's CPU tanh is slow): the same function
+    and gradient as PyTorch's tanh GELU, exactly so in fp64."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    x = torch.randn(64, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    y = torch.compile(gelu_tanh, backend=record, fullgraph=True)(x)
+    traced = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert torch.sigmoid in traced and F.gelu not in traced, traced
+    ref = F.gelu(x, approximate="tanh")
+    (grad,) = torch.autograd.grad((y * x.cos()).sum(), x)
+    (ref_grad,) = torch.autograd.grad((ref * x.cos()).sum(), x)
+    assert torch.allclose(y, ref, rtol=0, atol=1e-14)
+    assert torch.allclose(grad, ref_grad, rtol=0, atol=1e-13)
+    assert torch.equal(gelu_tanh(x), ref)  # eager: PyTorch's own fused kernel
 
 
 def test_fused_adamw_on_cpu_follows_the_foreach_curve():
