@@ -24,8 +24,9 @@
 #             checkpoint steps (eager and compiled, a 2-layer gpt2-shaped model) (60 / 180 s)
 #   parts     benchmarks/step_parts.py: each matrix product, attention under every SDPA backend, the head and
 #             loss (plain and chunked) timed alone at the step's shapes, their sum against base's step (40 / 120 s)
-#   batch64   base at batch 64 with --loss-chunk-size 4096: per-step costs (optimizer, clipping) halved per
-#             token, memory held down by the chunked head (70 / 150 s)
+#   best      base at batch 64 (per-step costs such as the optimizer and clipping halved per token) with what
+#             won above: --attention-backend cudnn if `cudnn` beat `base`, --loss-chunk-size 4096 if `loss` was
+#             within 1% of `base` or faster (70 / 150 s)
 #   rest      the other variants of benchmarks/gpu.sh (eager, ac, compile+ac): with base, its whole table (120 / 240 s)
 #   cdt       base with TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 (Triton launch configs tuned) (150 / 300 s)
 #   autotune  base with TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1 (Triton GEMM templates compete with cuBLAS) (180 / 300 s)
@@ -37,7 +38,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python || command -v python3)}
-STEPS=${STEPS:-"base loss cudnn profile syncs parts batch64 rest cdt autotune"}
+STEPS=${STEPS:-"base cudnn loss best profile syncs parts rest cdt autotune"}
 BUDGET=${BUDGET:-540}
 DIR=$(mkdir -p "${1:-gpu_probe}" && cd "${1:-gpu_probe}" && pwd)
 
@@ -66,6 +67,11 @@ pack() {  # the folder into $ARCHIVE (one file); without the profiler trace if t
         tar czf "$ARCHIVE.tmp" -C "$DIR" --exclude=./profile . 2>/dev/null
     fi
     mv "$ARCHIVE.tmp" "$ARCHIVE"
+}
+
+faster() {  # faster STEP FACTOR: did STEP's tokens/s reach FACTOR × base's? (no: either did not finish)
+    "$PY" -c "import json, sys; tps = lambda s: json.load(open('$DIR/' + s + '.json'))[0]['tokens_per_sec']
+sys.exit(0 if tps('$1') >= $2 * tps('base') else 1)" 2>/dev/null
 }
 
 bench() {  # bench NAME USUAL_S MAX_S [ENV=VALUE ...] -- [extra gptrain flags]
@@ -110,7 +116,11 @@ for step in $STEPS; do
             # shellcheck disable=SC2086
             timeout "$LIMIT" "$PY" benchmarks/step_parts.py --device "${DEVICE:-cuda}" --batch "${BATCH:-32}" \
                 ${step_ms:+--step-ms "$step_ms"} ${PARTS_ARGS:-} 2>&1 | tee "$DIR/parts.log" ;;
-        batch64) BATCH=$((2 * ${BATCH:-32})) bench batch64 70 150 -- --loss-chunk-size 4096 ;;
+        best)
+            winners=()
+            faster cudnn 1.0 && winners+=(--attention-backend cudnn)
+            faster loss 0.99 && winners+=(--loss-chunk-size 4096)
+            BATCH=$((2 * ${BATCH:-32})) bench best 70 150 -- "${winners[@]}" ;;
         rest) bench rest 120 240 -- --variants eager ac compile+ac ;;
         cdt) bench cdt 150 300 TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 ;;
         autotune) bench autotune 180 300 TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1 ;;
