@@ -15,18 +15,18 @@
 #
 # Steps (default order; usual duration / limit on an H100/H200, most of it compilation):
 #   base      `gptrain bench --named gpt2 --variants compile` (batch 32, bf16): the figure to beat (60 / 150 s)
+#   cudnn     base with --attention-backend cudnn: cuDNN's fused attention instead of PyTorch's choice (60 / 150 s)
 #   loss      base with --loss-chunk-size 4096: the head and cross-entropy 4,096 tokens at a time, no
 #             (tokens × vocab) logits kept; if as fast and smaller, the CUDA default (60 / 150 s)
-#   cudnn     base with --attention-backend cudnn: cuDNN's fused attention instead of PyTorch's choice (60 / 150 s)
+#   best      base at batch 64 (per-step costs such as the optimizer and clipping halved per token) with what
+#             won above: --attention-backend cudnn if `cudnn` beat `base`, --loss-chunk-size 4096 if `loss` was
+#             within 1% of `base` or faster (70 / 150 s)
 #   profile   one profiled compiled run: kernel time by kind (matrix products / attention / compiled kernels /
 #             optimizer / copies), the five most expensive kernels; Chrome trace in DIR/profile (45 / 150 s)
 #   syncs     benchmarks/gpu_sync_check.py: no host-device synchronisation outside log, evaluation and
 #             checkpoint steps (eager and compiled, a 2-layer gpt2-shaped model) (60 / 180 s)
 #   parts     benchmarks/step_parts.py: each matrix product, attention under every SDPA backend, the head and
 #             loss (plain and chunked) timed alone at the step's shapes, their sum against base's step (40 / 120 s)
-#   best      base at batch 64 (per-step costs such as the optimizer and clipping halved per token) with what
-#             won above: --attention-backend cudnn if `cudnn` beat `base`, --loss-chunk-size 4096 if `loss` was
-#             within 1% of `base` or faster (70 / 150 s)
 #   rest      the other variants of benchmarks/gpu.sh (eager, ac, compile+ac): with base, its whole table (120 / 240 s)
 #   cdt       base with TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 (Triton launch configs tuned) (150 / 300 s)
 #   autotune  base with TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1 (Triton GEMM templates compete with cuBLAS) (180 / 300 s)
