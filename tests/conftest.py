@@ -42,6 +42,26 @@ def byte_dataset(tmp_path_factory):
     return out
 
 
+class AtStep:
+    """A trainer hook that runs `action()` once `step` optimizer steps are done (tests: crashes, stops)."""
+
+    def __init__(self, step, action):
+        self.step, self.action = step, action
+
+    def on_step_end(self, trainer, step):
+        if step == self.step:
+            self.action()
+
+    def on_log(self, trainer, step, row):
+        pass
+
+
+def raise_(exc):
+    def action():
+        raise exc
+    return action
+
+
 def fast_overrides(dataset, runs_dir, **extra):
     """Settings for a model that trains in a second or two on CPU."""
     o = {

@@ -3,26 +3,26 @@
     torchrun --nproc-per-node=2 tests/dist_worker.py train ARGS...   (env: DIE_RANK, DIE_AT_STEP)
 
 The rank named by DIE_RANK exits with code 13 (os._exit: no cleanup, like a crash or an OOM kill)
-when it reaches optimizer step DIE_AT_STEP; the other ranks must notice and stop on their own.
+once it has done DIE_AT_STEP optimizer steps; the other ranks must notice and stop on their own.
+With DIE_ATTEMPT, only in that torchrun attempt (TORCHELASTIC_RESTART_COUNT), so a restart can finish.
 """
 
 import os
 import sys
 
-import gptrain.trainer as trainer
 from gptrain.cli import main
-
-_lr_at = trainer.lr_at
-
-
-def lr_at(step, *args, **kwargs):
-    if os.environ.get("RANK") == os.environ.get("DIE_RANK") and step == int(os.environ.get("DIE_AT_STEP", "-1")):
-        print(f"rank {os.environ['RANK']}: dying at step {step}", file=sys.stderr, flush=True)
-        os._exit(13)
-    return _lr_at(step, *args, **kwargs)
+from gptrain.trainer import TrainerHooks
 
 
-trainer.lr_at = lr_at
+class DieAt(TrainerHooks):
+    def on_step_end(self, trainer, step):
+        attempt = os.environ.get("DIE_ATTEMPT")
+        if attempt is not None and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != attempt:
+            return
+        if os.environ.get("RANK") == os.environ.get("DIE_RANK") and step == int(os.environ.get("DIE_AT_STEP", "-1")):
+            print(f"rank {os.environ['RANK']}: dying at step {step}", file=sys.stderr, flush=True)
+            os._exit(13)
+
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:], hooks=[DieAt()]))

@@ -112,9 +112,10 @@ def test_sharded_save_writes_info_extra_files_and_the_export(tmp_path):
 
     path = C.save_sharded_checkpoint(tmp_path, 10, write_shards, {"val_loss": 1.5},
                                      {"tokenizer.json": '{"model": "bpe"}'}, rank=0,
-                                     broadcast_object=lambda obj: obj, barrier=lambda: calls.append("barrier"),
-                                     full_model_state={"w": torch.ones(3)})
-    assert path == tmp_path / "step_0000010" and calls == ["shards", "barrier", "barrier"]
+                                     broadcast_object=lambda obj: calls.append(obj[0]) or obj,
+                                     barrier=lambda: calls.append("barrier"), full_model_state={"w": torch.ones(3)})
+    # the folder's name to all ranks, the shards, a barrier, then rank 0's outcome to all (in place of a barrier)
+    assert path == tmp_path / "step_0000010" and calls == ["ok", "shards", "barrier", "ok"]
     assert sorted(p.name for p in path.iterdir()) == ["COMPLETE", "dcp", "info.json", "model.pt", "tokenizer.json"]
     assert (path / "tokenizer.json").read_text() == '{"model": "bpe"}'  # generate needs it for a BPE run
     ckpt = C.read_checkpoint(path)

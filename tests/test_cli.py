@@ -59,7 +59,7 @@ def test_train_from_raw_files_and_toml_with_overrides(tmp_path, capsys):
         (["train", "--lrr", "0.1"], "unknown option --lrr. Did you mean '--lr'?"),
         (["train", "--n-layer", "2"], "Did you mean '--n-layers'?"),
         (["train", "--d-model", "30", "--n-heads", "4"], "d_model (30) must be divisible by n_heads (4)"),
-        (["train", "--seq-len", "4096"], "longer than the model's context"),
+        (["train", "--seq-len", "4096", "--max-position-embeddings", "256"], "longer than the model's context"),
         (["train", "--tp", "2"], "the layout needs a multiple of 2 processes (dp_replicate -1 × dp_shard 1 × tp 2), but 1 is running"),
         (["train", "--data", "/nonexistent/dir"], "does not exist"),
         (["prepare", "/nonexistent/file.txt", "--out", "x"], "not found"),
@@ -100,14 +100,17 @@ def test_module_entry_point_and_exit_code():
 
 
 def test_help_lists_every_setting_flag_and_its_negation(capsys):
-    from gptrain.config import OPTIONS
+    from gptrain.config import SECTIONS
+    from gptrain.settings import declaration, declared_fields, flags_of
 
     with pytest.raises(SystemExit):
         cli("train", "--help")
     shown = capsys.readouterr().out
-    for opt in OPTIONS:
-        for flag in (*opt.flags, *([opt.negate] if opt.negate else [])):
-            assert f"{flag} " in shown or f"{flag}\n" in shown or f"{flag}," in shown, flag
+    flags = [flag for cls in SECTIONS.values() for f in declared_fields(cls) if declaration(f).cli
+             for flag in (*flags_of(f), *([declaration(f).negate] if declaration(f).negate else []))]
+    assert len(flags) > 80
+    for flag in flags:
+        assert f"{flag} " in shown or f"{flag}\n" in shown or f"{flag}," in shown, flag
 
 
 def test_nanogpt_character_level_dataset_trains_and_generates(tmp_path, capsys):
@@ -139,3 +142,10 @@ def test_nanogpt_character_level_dataset_trains_and_generates(tmp_path, capsys):
                "--sample-prompt", "QQ") == 2
     assert "'Q' are not among this dataset's" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "q").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "prepare", "generate", "eval", "runs", "plot", "sync", "bench"])
+def test_every_command_prints_its_help(command, capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli(command, "--help")
+    assert stop.value.code == 0 and "usage: gptrain" in capsys.readouterr().out

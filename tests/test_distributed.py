@@ -38,7 +38,7 @@ TOL = 1e-4  # relative, fp32
 
 def common_args(dataset, runs) -> list[str]:
     return ["--data", str(dataset), "--runs-dir", str(runs), "--n-layers", "2", "--n-heads", "2", "--d-model", "32",
-            "--max-position-embeddings", "32", "--batch-size", "4", "--grad-accum-steps", "4",
+            "--max-position-embeddings", "32", "--batch-size", "4", "--global-batch-size", "16",
             "--num-steps", str(STEPS), "--log-every", "1", "--eval-every", "10", "--eval-tokens", "640",
             "--warmup-steps", "2", "--save-every", "10", "--sample-tokens", "0", "--progress", "plain"]
 
@@ -78,7 +78,7 @@ def runs(byte_dataset, tmp_path_factory):
     root = tmp_path_factory.mktemp("dist_runs")
     cfg, explicit = build_config(fast_overrides(byte_dataset, root, **{
         "train.run_name": "single", "train.num_steps": STEPS, "train.log_every": 1, "train.eval_every": 10,
-        "train.eval_tokens": 640, "train.save_every": 10, "train.sample_tokens": 0, "train.grad_accum_steps": 4}))
+        "train.eval_tokens": 640, "train.save_every": 10, "train.sample_tokens": 0, "train.global_batch_size": 16}))
     train(cfg, explicit)
     results = {"root": root, "single": root / "single", "procs": {}}
     for name, (nproc, extra) in LAYOUTS.items():
@@ -123,7 +123,7 @@ def test_one_owner_of_run_files_and_global_metrics(runs):
             env["mfu"]["flops_per_token"] * r["global_tokens_per_sec"] / (env["mfu"]["peak_flops"] * 2), rel=1e-6)
     out = runs["procs"]["ddp2"].stdout
     assert out.count("done: 20 steps") == 1 and out.count("step     20/20 | loss") == 1
-    assert "4 per micro-batch × 2 accumulation × 2 data-parallel" in out  # --grad-accum-steps 4 over 2 ranks
+    assert "4 per micro-batch × 2 accumulation × 2 data-parallel" in out  # --global-batch-size 16 over 2 ranks
     assert (d / "train.log").read_text().count("step     20/20 | loss") == 1
 
 
@@ -273,7 +273,7 @@ def test_model_layout_mismatches_are_errors(model_kw, layout, precision, message
         validate_layout(layout, ModelConfig(**model_kw), "cpu", "gloo", precision)
 
 
-def test_grad_accum_must_split_over_data_parallel_ranks(byte_dataset, tmp_path, monkeypatch):
+def test_global_batch_must_split_over_data_parallel_ranks(byte_dataset, tmp_path, monkeypatch):
     """Checked in one process by faking the world: the message names the rule and the fix."""
     from gptrain import trainer as T
 
@@ -285,8 +285,9 @@ def test_grad_accum_must_split_over_data_parallel_ranks(byte_dataset, tmp_path, 
         return info, device
 
     monkeypatch.setattr(T, "init_distributed", fake)
-    cfg, explicit = build_config(fast_overrides(byte_dataset, tmp_path, **{"train.grad_accum_steps": 3}))
-    with pytest.raises(UserError, match="--grad-accum-steps 3 cannot be split evenly over 2 data-parallel ranks"):
+    cfg, explicit = build_config(fast_overrides(byte_dataset, tmp_path, **{"train.global_batch_size": 12}))
+    with pytest.raises(UserError, match=r"--global-batch-size 12 is not a multiple of --batch-size 4 × 2 data-parallel "
+                                        r"process\(es\) = 8 sequences per micro-step. Use --global-batch-size 8 or 16"):
         train(cfg, explicit)
 
 

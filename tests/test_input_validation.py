@@ -11,6 +11,7 @@ from conftest import fast_overrides
 from gptrain.cli import main
 from gptrain.config import build_config
 from gptrain.errors import UserError
+from gptrain.model import PRESETS
 
 TINY = ["--n-layers", "2", "--n-heads", "2", "--d-model", "32", "--max-position-embeddings", "32",
         "--batch-size", "2", "--num-steps", "2", "--eval-tokens", "256", "--progress", "plain"]
@@ -65,24 +66,26 @@ def test_toy_data_and_train_data_together_are_refused(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------- train: settings
 @pytest.mark.parametrize("extra, message", [
     # Was: trained with a negative learning rate at the end of the schedule.
-    (["--lr", "3e-4", "--min-lr", "-0.01"], "--min-lr -0.01 is negative; use a value between 0 and --lr (0.0003)."),
+    (["--lr", "3e-4", "--min-lr", "-0.01"], "--min-lr must be ≥ 0, got -0.01."),
     (["--lr", "3e-4", "--min-lr", "0.001"], "--min-lr 0.001 is above --lr (0.0003); use a value between 0 and --lr "
                                             "(0.0003)."),
     # Were: a ValueError traceback from torch.optim.AdamW.
-    (["--beta1", "2"], "--beta1 must be in [0, 1), got 2 (AdamW's defaults: --beta1 0.9 --beta2 0.95)."),
-    (["--beta2", "1.5"], "--beta2 must be in [0, 1), got 1.5 (AdamW's defaults: --beta1 0.9 --beta2 0.95)."),
-    (["--adam-eps", "-1"], "--adam-eps must be positive, got -1 (default 1e-8)."),
-    (["--adam-eps", "0"], "--adam-eps must be positive, got 0 (default 1e-8)."),
+    (["--beta1", "2"], "--beta1 must be in [0, 1), got 2."),
+    (["--beta2", "1.5"], "--beta2 must be in [0, 1), got 1.5."),
+    (["--adam-eps", "-1"], "--adam-eps must be positive, got -1."),
+    (["--adam-eps", "0"], "--adam-eps must be positive, got 0."),
     # Were: negative values treated as "off" (or, for weight decay, as a negative decay).
     (["--grad-clip", "-1"], "--grad-clip must be ≥ 0 (0: no clipping), got -1."),
     (["--weight-decay", "-1"], "--weight-decay must be ≥ 0 (0: no decay), got -1."),
     (["--eval-every", "-1"], "--eval-every must be ≥ 0 (0: at the end only), got -1."),
     (["--save-every", "-1"], "--save-every must be ≥ 0 (0: at the end only), got -1."),
-    (["--sample-tokens", "-1"], "--sample-tokens must be ≥ 0 (0: no sample), got -1."),
-    (["--sample-new-tokens", "-1"], "--sample-new-tokens must be at least 1, got -1. To log no text samples, use "
-                                    "--sample-every 0."),
-    (["--sample-new-tokens", "0"], "--sample-new-tokens must be at least 1, got 0. To log no text samples, use "
-                                   "--sample-every 0."),
+    (["--sample-tokens", "-1"], "--sample-tokens must be ≥ 0 (0: no samples), got -1."),
+    # One sample length (--sample-new-tokens is the original tool's name for it).
+    (["--sample-new-tokens", "-1"], "--sample-tokens must be ≥ 0 (0: no samples), got -1."),
+    # Were: accepted, then NaN weights (issue 18).
+    (["--lr", "inf"], "--lr must be a finite number, got inf."),
+    (["--lr", "nan"], "--lr must be a finite number, got nan."),
+    (["--grad-clip", "inf"], "--grad-clip must be a finite number, got inf."),
     (["--pad-vocab-multiple", "0"], "--pad-vocab-multiple must be at least 1 (1: no padding), got 0."),
     (["--pad-vocab-multiple", "-1"], "--pad-vocab-multiple must be at least 1 (1: no padding), got -1."),
     (["--loss-chunk-size", "-1"], "--loss-chunk-size must be ≥ 0 (0: off), got -1."),
@@ -158,9 +161,8 @@ def test_wandb_settings_without_wandb_are_named_in_a_warning(tmp_path):
 # ---------------------------------------------------------------------------------------- argparse
 @pytest.mark.parametrize("args, message", [
     # Were: ~56 lines of usage before the error.
-    (["train", "--preset", "nope"], "argument --preset/--model: invalid choice: 'nope' (choose from 'tiny', "
-                                    "'small-cpu', 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'). See `gptrain "
-                                    "train --help`."),
+    (["train", "--preset", "nope"], "argument --preset/--model: invalid choice: 'nope' (choose from "
+                                    f"{', '.join(repr(p) for p in PRESETS)}). See `gptrain train --help`."),
     (["train", "--lr"], "argument --lr/--learning-rate: expected one argument. See `gptrain train --help`."),
     (["generate"], "the following arguments are required: RUN_DIR_OR_CHECKPOINT. See `gptrain generate --help`."),
     (["bench", "--windows", "two"], "argument --windows: invalid int value: 'two'. See `gptrain bench --help`."),
@@ -183,11 +185,12 @@ def tiny_run(byte_dataset, tmp_path_factory):
 
 @pytest.mark.parametrize("extra, message", [
     # Were: tracebacks (top-k), exit 0 with nothing (tokens, samples), greedy decoding (temperature).
-    (["--top-k", "0"], "--top-k must be at least 1, got 0."),
-    (["--top-k", "-1"], "--top-k must be at least 1, got -1."),
+    (["--top-k", "0"], "--top-k must be at least 1, got 0 (leave it out for no top-k filter)."),
+    (["--top-k", "-1"], "--top-k must be at least 1, got -1 (leave it out for no top-k filter)."),
     (["--max-new-tokens", "-5"], "--max-new-tokens must be at least 1, got -5."),
     (["--num-samples", "0"], "--num-samples must be at least 1, got 0."),
-    (["--temperature", "-1"], "--temperature must be ≥ 0 (0: greedy decoding), got -1."),
+    (["--temperature", "nan"], "--temperature must be a finite number ≥ 0 (0: greedy decoding), got nan."),
+    (["--temperature", "-1"], "--temperature must be a finite number ≥ 0 (0: greedy decoding), got -1.0."),
 ])
 def test_generate_refuses_bad_sampling_options_before_loading(tmp_path, capsys, extra, message):
     assert refused(capsys, "generate", tmp_path / "no-such-run", *extra) == message
@@ -211,7 +214,7 @@ def test_generate_says_when_the_context_caps_the_output(tiny_run, capsys):
     # Were: nan and exit 0 (-1); the run's own value, silently (0).
     (["--batch-size", "-1"], "--batch-size must be at least 1, got -1 (leave it out to use the run's own)."),
     (["--batch-size", "0"], "--batch-size must be at least 1, got 0 (leave it out to use the run's own)."),
-    (["--eval-tokens", "0"], "--eval-tokens must be at least 1, got 0 (leave it out to use the run's own)."),
+    (["--eval-tokens", "0"], "--max-tokens must be at least 1, got 0 (leave it out to use the run's own)."),
 ])
 def test_eval_refuses_non_positive_budgets(tmp_path, capsys, extra, message):
     assert refused(capsys, "eval", tmp_path / "no-such-run", *extra) == message
@@ -264,3 +267,17 @@ def test_bench_creates_the_json_folder_and_names_config_file_settings_it_ignores
     assert err == (f"note: bench ignores these settings of {toml}: data.tokenizer, train.num_steps (synthetic data, "
                    "its own step counts)\n")
     assert json.loads(out.read_text())[0]["windows"] == 1
+
+
+@pytest.mark.parametrize("toml, message", [
+    # Was: accepted silently (only argparse checked choices).
+    ('[train]\nprogress = "anything"\n', "--progress: 'anything' is not one of auto, bar, plain."),
+    ('[optim]\nlr_scheduler = "cosin"\n', "--lr-scheduler: 'cosin' is not one of cosine, constant, wsd, linear. "
+                                          "Did you mean 'cosine'?"),
+    ('[optim]\nlr = inf\n', "--lr must be a finite number, got inf."),
+])
+def test_every_choice_and_bound_is_checked_in_toml_files_too(tmp_path, capsys, toml, message):
+    path = tmp_path / "run.toml"
+    path.write_text(toml)
+    assert refused(capsys, "train", "--config", path, "--runs-dir", tmp_path / "runs") == message
+    assert not (tmp_path / "runs").exists()

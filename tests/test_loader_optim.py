@@ -2,7 +2,6 @@ import numpy as np
 import pytest
 import torch
 
-from gptrain.config import OptimConfig
 from gptrain.data.loader import (
     BatchLayout,
     DevicePrefetcher,
@@ -13,7 +12,7 @@ from gptrain.data.loader import (
 )
 from gptrain.errors import UserError
 from gptrain.model import GPT, ModelConfig
-from gptrain.optim import build_optimizer, lr_at
+from gptrain.optim import OptimConfig, build_optimizer, lr_at
 
 
 def make_batches(n_tokens=1001, seq_len=10, micro=2, accum=2, world=1, rank=0, seed=3):

@@ -49,9 +49,10 @@ def test_tied_and_untied_heads_and_parameter_counts():
     d, L = 32, 2
     per_block = (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d) + 4 * d
     assert tied.num_parameters(non_embedding=True) == L * per_block + 2 * d
-    # FLOPs formula: 6N + 12·L·d·T with N excluding position embeddings
+    # FLOPs formula: 6N + 12·L·d·T with N excluding the position table, and the token embedding when untied
     n = tied.num_parameters() - tied.pos_emb.weight.numel()
-    assert flops_per_token(tied.cfg, 32, n) == 6 * n + 12 * L * d * 32
+    assert flops_per_token(tied.cfg, 32, tied.num_parameters()) == 6 * n + 12 * L * d * 32
+    assert flops_per_token(untied.cfg, 32, untied.num_parameters()) == 6 * n + 12 * L * d * 32
 
 
 def test_gpt2_init_scales_residual_projections():

@@ -178,7 +178,7 @@ def test_compiled_training_follows_the_eager_loss_curve(byte_dataset, tmp_path):
                  "model.n_layers": 1, "train.num_steps": 4, "train.log_every": 1, "train.eval_every": 0,
                  "train.sample_tokens": 0}
         cfg, explicit = build_config(fast_overrides(byte_dataset, tmp_path, **extra))
-        trainer = Trainer(cfg, explicit)
+        trainer = Trainer.from_config(cfg, explicit)
         assert trainer.raw_model.loss_chunk_size == chunk
         run_dir = trainer.fit().run_dir
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -275,7 +275,7 @@ def test_attention_backend_and_default_loss_chunks_reach_the_model(byte_dataset,
 
     cfg, explicit = build_config(fast_overrides(byte_dataset, tmp_path, **{
         "train.attention_backend": "math", "train.num_steps": 2, "train.eval_every": 0, "train.sample_tokens": 0}))
-    trainer = Trainer(cfg, explicit)
+    trainer = Trainer.from_config(cfg, explicit)
     assert [b.attn.backend for b in trainer.raw_model.blocks.values()] == ["math", "math"]
     assert trainer.raw_model.loss_chunk_size == CPU_LOSS_CHUNK_SIZE
     result = trainer.fit()
@@ -297,7 +297,7 @@ def test_compiling_many_loss_chunks_is_warned_about(byte_dataset, tmp_path, caps
     for chunk, warned in ((1, True), (2, False)):  # 4 × 32 tokens per micro-batch: 128 chunks, then 64 (the limit)
         cfg, explicit = build_config(fast_overrides(byte_dataset, tmp_path, **{
             "train.compile": True, "train.loss_chunk_size": chunk, "train.run_name": f"chunks{chunk}"}))
-        Trainer(cfg, explicit)
+        Trainer.from_config(cfg, explicit)
         out = capsys.readouterr().out
         assert ("chunks per micro-batch (4 × 32 tokens), and --compile unrolls them all" in out) == warned, out
         assert ("makes 128 chunks" in out) == warned

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from gptrain.data import sources
-from gptrain.data.prepare import PrepareConfig, dataset_cache_dir, prepare_dataset, read_meta
+from gptrain.data.format import read_meta
+from gptrain.data.prepare import PrepareConfig, dataset_cache_dir, prepare_dataset
 from gptrain.data.tokenizer import EOT_TEXT, load_dataset_tokenizer
 from gptrain.errors import UserError
 
@@ -398,14 +399,18 @@ def test_read_meta_checks_the_dataset(tmp_path):
         read_meta(tmp_path / "nothing")
 
 
-def test_read_meta_accepts_nanogpt_datasets(tmp_path):
+def test_read_meta_accepts_nanogpt_datasets(tmp_path, monkeypatch):
+    # Without meta.pkl nanoGPT data carries no vocabulary and no tokenizer: the vocabulary is the one
+    # given (the model's --vocab-size), else the data's largest id + 1, found by a chunked scan.
+    monkeypatch.setenv("GPTRAIN_CACHE", str(tmp_path / "cache"))
     d = tmp_path / "nano"
     d.mkdir()
     np.arange(100, dtype=np.uint16).tofile(d / "train.bin")
     np.arange(10, dtype=np.uint16).tofile(d / "val.bin")
     meta = read_meta(d)
-    assert (meta["format"], meta["vocab_size"], meta["dtype"]) == ("nanogpt", 50257, "uint16")
+    assert (meta["format"], meta["vocab_size"], meta["dtype"], meta["tokenizer"]) == ("nanogpt", 100, "uint16", None)
     assert meta["splits"]["train"]["tokens"] == 100 and meta["splits"]["val"]["tokens"] == 10
+    assert read_meta(d, vocab_size=256)["vocab_size"] == 256
     with open(d / "meta.pkl", "wb") as f:
         pickle.dump({"vocab_size": 65, "itos": {0: "a"}, "stoi": {"a": 0}}, f)
     assert read_meta(d)["vocab_size"] == 65 and read_meta(d)["tokenizer"] is None

@@ -2,23 +2,24 @@
 
 import json
 import math
+import os
+import signal
 from pathlib import Path
 
 import pytest
-from conftest import fast_overrides
+from conftest import AtStep, fast_overrides, raise_
 
-import gptrain.trainer as trainer_mod
 from gptrain.cli import main
 from gptrain.config import build_config
 from gptrain.runs import summarize_run
 from gptrain.tracking import read_history
 from gptrain.tracking.jsonl import superseded
-from gptrain.trainer import StopRequest, train
+from gptrain.trainer import train
 
 
-def run(dataset, runs, **extra):
+def run(dataset, runs, hooks=(), **extra):
     cfg, explicit = build_config(fast_overrides(dataset, runs, **{"tracking.sample_every": 0, **extra}))
-    return train(cfg, explicit)
+    return train(cfg, explicit, hooks=hooks)
 
 
 @pytest.fixture(scope="module")
@@ -26,32 +27,12 @@ def runs_dir(byte_dataset, tmp_path_factory):
     """Four runs: finished, interrupted (SIGTERM-style stop after step 5), crashed (exception in step 10),
     killed. The stop and the crash fall between two log steps (every 2)."""
     d = tmp_path_factory.mktemp("runs")
-    mp = pytest.MonkeyPatch()
     run(byte_dataset, d, **{"train.run_name": "done"})
-    real_lr_at = trainer_mod.lr_at
-
-    mp.setattr(StopRequest, "requested", property(lambda self: self._steps_seen() >= 5), raising=False)
-    mp.setattr(StopRequest, "_steps_seen", lambda self: trainer_mod._test_step, raising=False)
-    mp.setattr(StopRequest, "signal_name", "SIGTERM", raising=False)
-
-    def counting_lr_at(step, *a, **k):
-        trainer_mod._test_step = step + 1
-        return real_lr_at(step, *a, **k)
-
-    mp.setattr(trainer_mod, "_test_step", 0, raising=False)
-    mp.setattr(trainer_mod, "lr_at", counting_lr_at)
-    run(byte_dataset, d, **{"train.run_name": "stopped"})
-    mp.undo()
-
-    def crashing(step, *a, **k):
-        if step == 9:
-            raise RuntimeError("boom")
-        return real_lr_at(step, *a, **k)
-
-    mp.setattr(trainer_mod, "lr_at", crashing)
+    # A real SIGTERM during step 5: the loop stops after it (the signal is seen at the step's end).
+    run(byte_dataset, d, hooks=[AtStep(4, lambda: os.kill(os.getpid(), signal.SIGTERM))],
+        **{"train.run_name": "stopped"})
     with pytest.raises(RuntimeError):
-        run(byte_dataset, d, **{"train.run_name": "crashed"})
-    mp.undo()
+        run(byte_dataset, d, hooks=[AtStep(9, raise_(RuntimeError("boom")))], **{"train.run_name": "crashed"})
     run(byte_dataset, d, **{"train.run_name": "killed", "train.num_steps": 4})
     info = json.loads((d / "killed" / "run.json").read_text())
     info.update(status="running", pid=2**22 + 12345)  # as left by a SIGKILL: no process with that pid

@@ -235,3 +235,29 @@ def test_hub_cache_uses_the_snapshot_refs_main_points_to(tmp_path, monkeypatch):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("aaa111\n")
     assert build_tokenizer("hf:org/model").fingerprint() == main_tok.fingerprint() != newer_tok.fingerprint()
+
+
+# --------------------------------------------------------------------------- tokenizer: bytes per token
+def test_token_byte_lengths_add_up_to_the_texts_utf8_bytes(bpe):
+    # The unit of bits per byte: summed over a text's tokens they give its UTF-8 size exactly,
+    # also where a character's bytes are split between tokens; end-of-text is 0 bytes.
+    from gptrain.data.tokenizer import CharTokenizer, token_byte_lengths
+
+    for tok in (ByteTokenizer(), bpe):
+        table = token_byte_lengths(tok)
+        assert len(table) == tok.vocab_size and table[tok.eot_id] == 0
+        for text in HARD_TEXTS:
+            assert int(table[tok.encode(text)].sum()) == len(text.encode("utf-8")), (tok.spec, text)
+    chars = CharTokenizer(list("aé中 "))
+    assert int(token_byte_lengths(chars)[chars.encode("中 é a")].sum()) == len("中 é a".encode())
+
+
+def test_a_nanogpt_folder_without_meta_pkl_has_no_tokenizer(tmp_path, monkeypatch):
+    from gptrain.data.tokenizer import dataset_tokenizer, load_dataset_tokenizer
+
+    monkeypatch.setenv("GPTRAIN_CACHE", str(tmp_path / "cache"))
+    np.arange(50, dtype=np.uint16).tofile(tmp_path / "train.bin")
+    np.arange(20, dtype=np.uint16).tofile(tmp_path / "val.bin")
+    assert dataset_tokenizer(tmp_path) is None
+    with pytest.raises(UserError, match="has no tokenizer .*--tokenizer-name"):
+        load_dataset_tokenizer(tmp_path)

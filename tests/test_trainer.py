@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fast_overrides, make_corpus
+from conftest import AtStep, fast_overrides, make_corpus, raise_
 
 from gptrain import checkpoint as C
 from gptrain.config import build_config
@@ -318,8 +318,16 @@ def test_environment_record(byte_dataset, tmp_path):
 
 # Reading a tensor's value on the host: on a GPU each of these waits for the device to catch up.
 HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__")
-# The places of the loop that may wait (log steps, evaluation, checkpoints, text samples).
-MAY_WAIT = ("_sync_time", "_train_metrics", "_evaluate", "_save", "_log_samples", "_final_sample")
+# The places of the loop that may wait (log steps, evaluation, checkpoints, text samples, the divergence
+# guard's count): the public methods of the components that own them.
+def may_wait():
+    from gptrain.checkpointer import Checkpointer
+    from gptrain.divergence import DivergenceGuard
+    from gptrain.reporting import Evaluator, MetricsLogger
+    from gptrain.sampling import Sampler
+
+    return [(MetricsLogger, "log"), (Evaluator, "run"), (Checkpointer, "save"), (Sampler, "log"),
+            (Sampler, "final"), (DivergenceGuard, "diverged"), (DivergenceGuard, "pop_skipped")]
 
 
 def test_hot_loop_reads_no_tensor_value_outside_log_eval_and_checkpoint_steps(byte_dataset, tmp_path, monkeypatch):
@@ -344,22 +352,23 @@ def test_hot_loop_reads_no_tensor_value_outside_log_eval_and_checkpoint_steps(by
             return original(self, *args, **kwargs)
         return read
 
-    def waiting(name):
+    def waiting(original):
         def method(self, *args, **kwargs):
             allowed[0] += 1
             try:
-                return getattr(Trainer, name)(self, *args, **kwargs)
+                return original(self, *args, **kwargs)
             finally:
                 allowed[0] -= 1
         return method
 
     for name in HOST_READS:
         monkeypatch.setattr(torch.Tensor, name, counting(name))
-    checked = type("CheckedTrainer", (Trainer,), {name: waiting(name) for name in MAY_WAIT})
+    for cls, name in may_wait():
+        monkeypatch.setattr(cls, name, waiting(getattr(cls, name)))
     cfg, explicit = build_config(fast_overrides(byte_dataset, tmp_path, **{
         "train.num_steps": 8, "train.log_every": 4, "train.eval_every": 4, "train.grad_accum_steps": 2,
         "train.save_every": 4, "train.sample_tokens": 4}))
-    trainer = checked(cfg, explicit)
+    trainer = Trainer.from_config(cfg, explicit)
     allowed[0] -= 1
     result = trainer.fit()
     assert result.status == "finished" and result.final_step == 8 and result.sample
@@ -397,23 +406,15 @@ def test_environment_record_names_the_git_commit(tmp_path):
     assert env["world_size"] == 1 and env["device"] == "cpu" and env["torch"] == torch.__version__
 
 
-def test_ctrl_c_marks_the_run_interrupted(byte_dataset, tmp_path, monkeypatch):
+def test_ctrl_c_marks_the_run_interrupted(byte_dataset, tmp_path):
     import gptrain.trainer as trainer_mod
     from gptrain.config import build_config
     from gptrain.tracking import read_metrics
 
-    real = trainer_mod.lr_at
-
-    def lr_at(step, *a, **k):
-        if step == 5:
-            raise KeyboardInterrupt
-        return real(step, *a, **k)
-
-    monkeypatch.setattr(trainer_mod, "lr_at", lr_at)
     cfg, explicit = build_config(fast_overrides(byte_dataset, tmp_path, **{"train.run_name": "ctrl-c",
                                                                           "train.sample_tokens": 0}))
     with pytest.raises(KeyboardInterrupt):
-        trainer_mod.train(cfg, explicit)
+        trainer_mod.train(cfg, explicit, hooks=[AtStep(5, raise_(KeyboardInterrupt()))])
     run = tmp_path / "ctrl-c"
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "interrupted" and info["step"] == 5 and "ended_at" in info

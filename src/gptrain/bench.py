@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gptrain.config import Config, TrackingConfig, all_paths, build_config, check_profiler_fits, flag_of
+from gptrain.config import Config, TrackingConfig, build_config, check_profiler_fits, flag_of, validate
 from gptrain.errors import UserError
 
 # Named configurations: the settings the issue's targets are stated for. Flags given on the
@@ -148,7 +148,7 @@ def write_synthetic_dataset(out_dir: Path, vocab_size: int, seq_len: int, sequen
     The ids cover the model's whole vocabulary; the tokenizer recorded is the byte tokenizer,
     which no benchmark step uses (no evaluation, no samples).
     """
-    from gptrain.data.prepare import FORMAT, FORMAT_VERSION, dtype_for
+    from gptrain.data.format import dtype_for, write_meta
     from gptrain.data.tokenizer import build_tokenizer, tokenizer_meta
 
     out_dir = Path(out_dir)
@@ -159,11 +159,10 @@ def write_synthetic_dataset(out_dir: Path, vocab_size: int, seq_len: int, sequen
     for split, n in counts.items():
         rng.integers(0, vocab_size, size=n, dtype=np.int64).astype(dtype).tofile(out_dir / f"{split}.bin")
     tok = build_tokenizer("byte")
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "tokenizer": tokenizer_meta(tok),
-            "vocab_size": tok.vocab_size, "eot_id": tok.eot_id, "dtype": dtype.name,
-            "splits": {s: {"tokens": n, "documents": 1} for s, n in counts.items()},
-            "inputs": {"train": ["synthetic"], "val": [], "fingerprint": f"synthetic-{vocab_size}-{seed}"}}
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_meta(out_dir, {
+        "tokenizer": tokenizer_meta(tok), "vocab_size": max(vocab_size, tok.vocab_size), "eot_id": tok.eot_id,
+        "dtype": dtype.name, "splits": {s: {"tokens": n, "documents": 1} for s, n in counts.items()},
+        "inputs": {"train": ["synthetic"], "val": [], "fingerprint": f"synthetic-{vocab_size}-{seed}"}})
     return out_dir
 
 
@@ -177,32 +176,21 @@ def bench_config(overrides: dict[str, Any], toml: str | None = None, named: str 
     return cfg, explicit
 
 
-def _trainer_class():
-    from gptrain.trainer import Trainer
+def _peak_recorder(matmul_size: int):
+    from gptrain.trainer import TrainerHooks
 
-    class BenchTrainer(Trainer):
-        """The trainer, minus evaluation, checkpoints and samples; plus a matmul peak after each window."""
+    class RecordWindows(TrainerHooks):
+        """Each timed window's metrics, plus a matrix-product peak measured right after it (outside the
+        timed interval: time spent in on_log is not training time)."""
 
-        bench_rows: list[dict[str, Any]]
-        matmul_size: int = 4096
+        def __init__(self) -> None:
+            self.rows: list[dict[str, Any]] = []
 
-        def _evaluate(self, step, tokens_seen):
-            return None
+        def on_log(self, trainer, step, row) -> None:
+            row["bench/matmul_flops"] = measure_peak(trainer.device, trainer.plan.precision, matmul_size)
+            self.rows.append(row)
 
-        def _save(self, step, tokens_seen, val_loss, final=False):
-            return None
-
-        def _final_sample(self):
-            return None
-
-        def _train_metrics(self, *args, **kwargs):
-            row = super()._train_metrics(*args, **kwargs)
-            # Outside the timed interval: fit() restarts its clock after logging.
-            row["bench/matmul_flops"] = measure_peak(self.device, self.precision, self.matmul_size)
-            self.bench_rows.append(row)
-            return row
-
-    return BenchTrainer
+    return RecordWindows()
 
 
 def measure_peak(device: torch.device, precision: str, size: int) -> float:
@@ -233,16 +221,13 @@ def run_benchmark(cfg: Config, explicit: set[str], *, windows: int = 5, window_s
     t = cfg.train
     t.num_steps = (warmup_windows + windows) * window_steps
     t.log_every = window_steps
-    t.eval_every = 0
-    t.save_every = 0
     t.sample_tokens = 0
     t.progress = "plain"
     t.run_name = "bench"
     t.resume = None
     t.checkpoint_dir = None
-    if "tracking.sample_every" in all_paths():
-        # Every tracking setting back to its default (a --config file's W&B settings included): metrics.jsonl only.
-        cfg.tracking = TrackingConfig(sample_every=0)
+    # Every tracking setting back to its default (a --config file's W&B settings included): metrics.jsonl only.
+    cfg.tracking = TrackingConfig(sample_every=0)
     if cfg.data.seq_len is None:
         cfg.data.seq_len = cfg.model.max_position_embeddings
     with tempfile.TemporaryDirectory(prefix="gptrain-bench-") as tmp:
@@ -251,15 +236,16 @@ def run_benchmark(cfg: Config, explicit: set[str], *, windows: int = 5, window_s
                                                    sequences=256))
         cfg.data.dataset = data_dir
         t.runs_dir = str(Path(tmp) / "runs")
-        trainer_cls = _trainer_class()
+        from gptrain.trainer import Trainer
+
+        recorder = _peak_recorder(matmul_size)
         is_main = int(os.environ.get("RANK", "0")) == 0
-        trainer = trainer_cls(cfg, explicit, RunConsole("plain", enabled=is_main and not quiet))
-        trainer.bench_rows = []
-        trainer.matmul_size = matmul_size
+        trainer = Trainer.from_config(cfg, explicit, RunConsole("plain", enabled=is_main and not quiet),
+                                      hooks=[recorder], evaluate=False, save=False)
         t0 = time.perf_counter()
         trainer.fit()
         wall = time.perf_counter() - t0
-    kept = trainer.bench_rows[warmup_windows:]
+    kept = recorder.rows[warmup_windows:]
     if not kept:
         raise UserError("no timed window completed; raise --windows.")
     return summarize(trainer, kept, name=name, wall=wall, window_steps=window_steps, matmul_size=matmul_size)
@@ -267,7 +253,7 @@ def run_benchmark(cfg: Config, explicit: set[str], *, windows: int = 5, window_s
 
 def summarize(trainer, rows: list[dict[str, Any]], *, name: str, wall: float, window_steps: int,
               matmul_size: int) -> dict[str, Any]:
-    cfg, device = trainer.cfg, trainer.device
+    cfg, device, plan = trainer.cfg, trainer.device, trainer.plan
     world = trainer.dist.world_size
     tps = [r["global_tokens_per_sec"] for r in rows]
     step = [r["perf/step_time"] for r in rows]
@@ -278,27 +264,27 @@ def summarize(trainer, rows: list[dict[str, Any]], *, name: str, wall: float, wi
     if device.type == "cuda":
         from gptrain.metrics import gpu_peak_flops
 
-        spec = gpu_peak_flops(device, trainer.precision)
+        spec = gpu_peak_flops(device, plan.precision)
     mem_keys = [k for k in rows[-1] if k.startswith("mem/")]
     median_tps = statistics.median(tps)
     return {
         "name": name,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-        "precision": trainer.precision,
+        "precision": plan.precision,
         "compile": bool(cfg.train.compile),
-        "ac": getattr(getattr(cfg, "parallel", None), "ac", "none"),
+        "ac": cfg.parallel.ac,
         "attention_backend": cfg.train.attention_backend,
-        "loss_chunk_size": trainer.loss_chunk_size,
+        "loss_chunk_size": plan.loss_chunk_size,
         "nproc": world,
         "threads": torch.get_num_threads(),
         "model": {"n_layers": cfg.model.n_layers, "n_heads": cfg.model.n_heads, "d_model": cfg.model.d_model,
                   "context": cfg.model.max_position_embeddings, "vocab": cfg.model.vocab_size,
                   "padded_vocab": cfg.model.padded_vocab_size},
-        "seq_len": trainer.seq_len,
+        "seq_len": plan.seq_len,
         "batch_size": cfg.train.batch_size,
-        "tokens_per_step": trainer.tokens_per_step,
-        "n_params": trainer.n_params,
+        "tokens_per_step": plan.tokens_per_step,
+        "n_params": trainer.model_counts["n_params"],
         "flops_per_token": fpt,
         "window_steps": window_steps,
         "windows": len(rows),
@@ -457,11 +443,10 @@ def cmd_bench(args, overrides: dict[str, Any]) -> int:
     for v in variants:
         if v is not None and v not in VARIANTS:
             raise UserError(f"unknown variant '{v}'. Variants: {', '.join(VARIANTS)}.")
-        if v is not None and "parallel.ac" in VARIANTS[v] and "parallel.ac" not in all_paths():
-            raise UserError(f"variant '{v}' needs activation checkpointing, which this build does not have.")
     nprocs = list(range(1, args.nproc + 1)) if args.nproc else [None]
     refuse_ignored_flags(overrides)
-    cfg, explicit = bench_config(overrides, args.config, args.named)  # validates the settings up front
+    cfg, explicit = bench_config(overrides, args.config, args.named)
+    validate(cfg)  # up front: the runs happen in child processes
     note_ignored_file_settings(explicit - set(overrides), args.config)
     from gptrain.distributed import resolve_device
 

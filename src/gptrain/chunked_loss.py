@@ -18,6 +18,8 @@ Not for fp16 training: a chunk's weight-gradient product (a sum over its tokens)
 before any gradient scaling and can overflow where a scaler could not help (training refuses the
 combination; bf16 has fp32's range). Under `torch.compile` the chunk loop is unrolled, so compile
 time grows with the number of chunks per micro-batch (the trainer warns above 64).
+With a logit soft-cap c (`softcap`), the logits are c·tanh(product / c) before the softmax, and the
+gradient of the product is that of the logits times 1 - tanh², computed in the same pass.
 The loss is the mean over all tokens. A chunk size too small for the machine's matrix products to run
 at full speed slows the head down: on CPU, 1024 and 2048 tokens were equally fast, 512 and 4096 slower.
 """
@@ -42,10 +44,23 @@ def resolve_loss_chunk_size(requested: int | None, device: torch.device, tensor_
     return CPU_LOSS_CHUNK_SIZE if device.type == "cpu" and not tensor_parallel else 0
 
 
+def _tanh(x: torch.Tensor) -> torch.Tensor:
+    """tanh; compiled for the CPU as 2·sigmoid(2x) - 1, the same function: Inductor's vectorised CPU tanh
+    is slow (see gptrain.model.gelu_tanh, which does the same)."""
+    if torch.compiler.is_compiling() and x.device.type == "cpu":
+        return 2 * torch.sigmoid(2 * x) - 1
+    return torch.tanh(x)
+
+
+def softcap_logits(logits: torch.Tensor, softcap: float) -> torch.Tensor:
+    """softcap · tanh(logits / softcap): logits smoothly kept within ±softcap."""
+    return softcap * _tanh(logits / softcap)
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
-                chunk_size: int, want_grad_hidden: bool, want_grad_weight: bool) -> torch.Tensor:
+                chunk_size: int, want_grad_hidden: bool, want_grad_weight: bool, softcap: float) -> torch.Tensor:
         n = hidden.size(0)
         # Softmax, loss and the weight's gradient sum in fp32 at least (fp64 inputs stay fp64).
         acc = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
@@ -57,6 +72,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             t = targets[start:start + chunk_size]
             product = h @ weight.t()  # bf16 under autocast: the dtype the gradient products run in too
             logits = product.to(acc)  # the product itself when already fp32
+            if softcap:
+                capped = _tanh(logits / softcap)
+                logits = softcap * capped
             if logits.size(1) > vocab_size:  # padded vocabulary: those ids can never be predicted
                 logits[:, vocab_size:] = float("-inf")
             # log_softmax and softmax, not logsumexp and exp: on CPU the fused softmax kernels are fast for any
@@ -66,6 +84,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 # d(sum of losses)/d(logits) = softmax - one_hot(target); the 1/n of the mean comes after.
                 grad_logits = torch.softmax(logits, dim=1)
                 grad_logits.scatter_add_(1, t.unsqueeze(1), torch.full_like(t, -1, dtype=acc).unsqueeze(1))
+                if softcap:  # d(c·tanh(p/c))/dp = 1 - tanh²; the padded columns' gradient is already 0
+                    grad_logits = grad_logits * (1 - capped * capped)
                 grad_logits = grad_logits.to(product.dtype)
                 if want_grad_hidden:
                     if grad_hidden is None:
@@ -89,20 +109,22 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         scale = grad_loss.to(acc) / ctx.n
         return (None if grad_hidden is None else (grad_hidden.to(acc) * scale).to(hidden_dtype),
                 None if grad_weight is None else (grad_weight * scale).to(weight_dtype),
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                                 vocab_size: int, chunk_size: int) -> torch.Tensor:
+                                 vocab_size: int, chunk_size: int, softcap: float = 0.0) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T` against `targets`, `chunk_size` rows at a time.
 
     hidden (N, d), weight (V, d) with V ≥ vocab_size (columns from vocab_size on are padding that is
     never predicted), targets (N,) of ids below vocab_size: unlike F.cross_entropy, no ignore_index
     (-100 is out of range). Equal to `F.cross_entropy(masked(hidden @ weight.T), targets)` within
     floating-point rounding, with its first derivatives (a second derivative is an error).
+    softcap > 0: the logits are soft-capped first (`softcap_logits`), as GPT.forward's plain head does.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     grad = torch.is_grad_enabled()
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, vocab_size, chunk_size,
-                                            grad and hidden.requires_grad, grad and weight.requires_grad)
+                                            grad and hidden.requires_grad, grad and weight.requires_grad,
+                                            float(softcap))

@@ -13,8 +13,17 @@ import typing
 from typing import Any
 
 from gptrain import __version__
-from gptrain.config import NOT_YET_SUPPORTED, OPTIONS, build_config, field_type, suggest
+from gptrain.config import SECTIONS, build_config
 from gptrain.errors import PeerFailure, UserError
+from gptrain.settings import (
+    coerce,
+    declaration,
+    declared_fields,
+    describe_default,
+    flags_of,
+    suggest,
+    value_type,
+)
 
 TRAIN_DESCRIPTION = """Train a GPT. With no arguments: trains the `tiny` model on the Python standard library's
 source files (tokenized with a freshly trained BPE), on CPU in a few minutes."""
@@ -33,32 +42,43 @@ def _flag_dest(path: str) -> str:
 
 
 def add_config_options(parser: argparse.ArgumentParser, hidden=lambda path: False) -> None:
-    """One flag group per setting section; defaults are SUPPRESS so only given flags override.
+    """One flag group per settings section, generated from the declarations (gptrain.settings).
 
-    `hidden(path)`: settings left out of --help (still parsed, so that the command can refuse them by name).
+    Defaults are SUPPRESS so that only the flags given override; values stay strings here and are
+    converted and checked by gptrain.config like those of a TOML file. `hidden(path)`: settings left
+    out of --help (still parsed, so that the command can refuse them by name).
     """
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for opt in OPTIONS:
-        section = opt.path.split(".")[0]
-        group = groups.setdefault(section, parser.add_argument_group(f"{section} settings"))
-        t = field_type(opt.path)
-        kwargs: dict[str, Any] = dict(dest=_flag_dest(opt.path), default=argparse.SUPPRESS,
-                                      help=argparse.SUPPRESS if hidden(opt.path) else opt.help)
-        if t is bool:
-            group.add_argument(*opt.flags, action="store_const", const=True, **kwargs)
-            if opt.negate:
-                # listed in --help too: for settings that default to on it is the flag that does something
-                group.add_argument(opt.negate, action="store_const", const=False, dest=kwargs["dest"],
-                                   default=argparse.SUPPRESS,
-                                   help=argparse.SUPPRESS if hidden(opt.path) else f"turn off {opt.flags[0]}")
-        elif typing.get_origin(t) is list or list in typing.get_args(t):
-            group.add_argument(*opt.flags, nargs="+", metavar=opt.path.split(".", 1)[1].upper(), **kwargs)
-        else:
-            if opt.choices:
-                kwargs["choices"] = opt.choices
-            else:
-                kwargs["metavar"] = opt.path.split(".", 1)[1].upper()
-            group.add_argument(*opt.flags, **kwargs)
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(f"{section} settings")
+        for f in declared_fields(cls):
+            add_setting_argument(group, f, _flag_dest(f"{section}.{f.name}"), hidden(f"{section}.{f.name}"), cls)
+
+
+def add_setting_argument(group, f, dest: str, hide: bool, cls: type) -> None:
+    """The command-line face of one declared setting."""
+    s = declaration(f)
+    if not s.cli:
+        return
+    t, _ = value_type(cls, f.name)
+    help_text = argparse.SUPPRESS if hide else _help_of(f)
+    kwargs: dict[str, Any] = dict(dest=dest, default=argparse.SUPPRESS, help=help_text)
+    if t is bool:
+        group.add_argument(*flags_of(f), action="store_const", const=True, **kwargs)
+        if s.negate:  # listed in --help too: for settings that default to on it is the flag that does something
+            group.add_argument(s.negate, action="store_const", const=False, dest=dest, default=argparse.SUPPRESS,
+                               help=argparse.SUPPRESS if hide else f"turn off {flags_of(f)[0]}")
+    elif typing.get_origin(t) is list:
+        group.add_argument(*flags_of(f), nargs="+", metavar=s.metavar or f.name.upper(), **kwargs)
+    elif s.choices:
+        group.add_argument(*flags_of(f), choices=s.choices, **kwargs)
+    else:
+        group.add_argument(*flags_of(f), metavar=s.metavar or f.name.upper(), **kwargs)
+
+
+def _help_of(f) -> str:
+    default = describe_default(f)
+    text = f"{declaration(f).help} (default: {default})" if default else declaration(f).help
+    return text.replace("%", "%%")  # argparse formats help strings with %
 
 
 def collect_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -75,10 +95,6 @@ def all_flags(parser: argparse.ArgumentParser) -> list[str]:
 
 def parse_strict(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     """parse_args, but an unknown flag becomes a UserError that suggests the closest valid one."""
-    for arg in argv:
-        flag = arg.split("=", 1)[0]
-        if flag in NOT_YET_SUPPORTED:
-            raise UserError(f"{flag} is not supported yet: {NOT_YET_SUPPORTED[flag]}")
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         first = unknown[0]
@@ -105,12 +121,17 @@ def build_train_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def cmd_train(args: argparse.Namespace, hooks=()) -> int:
     from gptrain.trainer import train
 
     cfg, explicit = build_config(collect_overrides(args), args.config)
-    result = train(cfg, explicit)
-    if result.status == "finished" and os.environ.get("RANK", "0") == "0":  # under torchrun: global rank 0
+    result = train(cfg, explicit, hooks=hooks)
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun: global rank 0
+    if result.status == "diverged":
+        if main_rank:
+            print(f"error: {result.message}", file=sys.stderr)
+        return 1
+    if result.status == "finished" and main_rank:
         val = f"{result.final_val_loss:.4f}" if result.final_val_loss is not None else "n/a"
         print(f"done: {result.final_step} steps, val loss {val}, run folder {result.run_dir}")
     return 0
@@ -161,61 +182,78 @@ def build_prepare_parser(sub) -> argparse.ArgumentParser:
                        description="Tokenize .txt/.jsonl/.json/.parquet files or folders into train.bin, val.bin "
                                    "and meta.json.")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="files or directories (searched recursively)")
-    p.add_argument("--out", required=True, help="output dataset directory")
-    p.add_argument("--tokenizer", "--tokenizer-name", default="bpe:4096",
-                   help="byte, bpe:N (trained on the inputs), hf:NAME_OR_PATH, or a name such as gpt2")
-    p.add_argument("--val", nargs="+", default=[], metavar="INPUT", help="validation inputs (else a split)")
-    p.add_argument("--val-fraction", "--val-ratio", type=float, default=None,
-                   help="fraction of documents held out for validation")
-    p.add_argument("--min-val-tokens", type=int, default=None, help="smallest validation split, in tokens")
-    p.add_argument("--line-docs", action="store_true", help="each non-empty line of a .txt file is a document")
-    p.add_argument("--text-field", default="text", help="JSON field / parquet column with the text")
-    p.add_argument("--max-tokens", type=int, default=None, help="stop after this many training tokens")
-    p.add_argument("--seed", type=int, default=None, help="seed of the validation split")
-    p.add_argument("--force", action="store_true", help="rebuild even when a matching dataset exists in --out")
+    from gptrain.data.prepare import PrepareConfig
+
+    group = p.add_argument_group("prepare settings")
+    for f in declared_fields(PrepareConfig):  # the same declarations `gptrain train` uses for raw text
+        add_setting_argument(group, f, f"prep__{f.name}", False, PrepareConfig)
     return p
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from gptrain.data.prepare import PrepareConfig, prepare_dataset
 
-    kwargs = dict(inputs=args.inputs, out_dir=args.out, tokenizer=args.tokenizer, val_inputs=args.val,
-                  line_docs=args.line_docs, text_field=args.text_field, max_tokens=args.max_tokens,
-                  force=args.force)
-    for name in ("val_fraction", "min_val_tokens", "seed"):
-        if getattr(args, name) is not None:
-            kwargs[name] = getattr(args, name)
-    prepare_dataset(PrepareConfig(**kwargs))
+    given = {key[6:]: value for key, value in vars(args).items() if key.startswith("prep__")}
+    if "out_dir" not in given:
+        raise UserError("the following arguments are required: --out. See `gptrain prepare --help`.")
+    values = {name: coerce(PrepareConfig, name, value, f"--{name.replace('_', '-')}") for name, value in given.items()}
+    prepare_dataset(PrepareConfig(inputs=args.inputs, **values))  # validate() checks every declared bound
     return 0
 
 
 # ---------------------------------------------------------------------------------------- generate / eval
 def build_generate_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("generate", allow_abbrev=False, help="sample text from a trained model")
-    p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
+    p = sub.add_parser("generate", allow_abbrev=False, help="generate text from a trained model",
+                       description="Continue a prompt. Greedy (the most likely token each time) unless --do-sample, "
+                       "as the original generate.py and transformers' generate(); --temperature, --top-k or "
+                       "--top-p given mean sampling too.")
+    p.add_argument("path", nargs="?", metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("--checkpoint-path", dest="checkpoint_path", metavar="PATH",
+                   help="the run folder or checkpoint (same as the positional argument; the original tool's name)")
     p.add_argument("--prompt", default="", help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
-    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--do-sample", action="store_true", help="sample the next token instead of taking the likeliest")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 0.8; 0: greedy)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens (default 50)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample among the likeliest tokens whose probabilities add up to p (nucleus sampling)")
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--tokenizer-name", default=None, metavar="SPEC",
+                   help="tokenizer of a model trained on token files that carried none")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole prefix for every token")
     return p
+
+
+def checkpoint_path_of(args: argparse.Namespace, command: str) -> str:
+    """The positional path or --checkpoint-path (the original tool's flag): exactly one of them."""
+    if args.path and args.checkpoint_path and args.path != args.checkpoint_path:
+        raise UserError(f"two checkpoints given ({args.path} and --checkpoint-path {args.checkpoint_path}). Pass one.")
+    path = args.path or args.checkpoint_path
+    if not path:
+        raise UserError(f"the following arguments are required: RUN_DIR_OR_CHECKPOINT. See `gptrain {command} "
+                        "--help`.")
+    return path
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from gptrain.generate import generate, load_trained_model, tokens_that_fit
+    from gptrain.generate import check_sampling, generate, load_trained_model, tokens_that_fit
 
-    for name, value in [("max-new-tokens", args.max_new_tokens), ("num-samples", args.num_samples),
-                        ("top-k", args.top_k)]:
+    for name, value in [("max-new-tokens", args.max_new_tokens), ("num-samples", args.num_samples)]:
         if value < 1:
             raise UserError(f"--{name} must be at least 1, got {value}.")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be ≥ 0 (0: greedy decoding), got {args.temperature:g}.")
-    model, tokenizer, ckpt = load_trained_model(args.path, args.device)
+    sample = args.do_sample or any(v is not None for v in (args.temperature, args.top_k, args.top_p))
+    temperature = 0.8 if args.temperature is None else args.temperature
+    top_k = 50 if args.top_k is None and sample else args.top_k
+    check_sampling(temperature, top_k, args.top_p)
+    path = checkpoint_path_of(args, "generate")
+    model, tokenizer, ckpt = load_trained_model(path, args.device, tokenizer=args.tokenizer_name)
+    if tokenizer is None:
+        raise UserError(f"{path} was trained on token files without a tokenizer, so the prompt cannot be encoded. "
+                        "Pass --tokenizer-name SPEC (the tokenizer that made those files).")
     device = next(model.parameters()).device
     prompt_ids = tokenizer.encode(args.prompt)
     context = model.cfg.max_position_embeddings
@@ -228,8 +266,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
               f"so at most {room} new tokens are generated (--max-new-tokens {args.max_new_tokens})", file=sys.stderr)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     for i in range(args.num_samples):
-        new = generate(model, prompt_ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       use_cache=not args.no_kv_cache, stop_id=tokenizer.eot_id, generator=gen)
+        new = generate(model, prompt_ids, args.max_new_tokens, temperature=temperature, top_k=top_k,
+                       top_p=args.top_p, do_sample=sample, use_cache=not args.no_kv_cache, stop_id=tokenizer.eot_id,
+                       generator=gen)
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
         print(args.prompt + tokenizer.decode(new))
@@ -237,23 +276,102 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def build_eval_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("eval", allow_abbrev=False, help="validation loss and perplexity of a trained model")
-    p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
-    p.add_argument("--data", help="dataset directory (default: the one the model was trained on)")
-    p.add_argument("--eval-tokens", type=int, default=None, help="validation tokens to score (default: run's)")
-    p.add_argument("--batch-size", type=int, default=None)
+    p = sub.add_parser("eval", allow_abbrev=False, help="validation loss, perplexity and bits per byte of a model",
+                       description="Score a trained model on validation tokens: the run's own, a dataset (--data), "
+                       "text files (--val-data) or token shards (--val-npy). Under torchrun the windows are split "
+                       "over the processes, each scored once.")
+    p.add_argument("path", nargs="?", metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("--checkpoint-path", dest="checkpoint_path", metavar="PATH",
+                   help="the run folder or checkpoint (same as the positional argument; the original tool's name)")
+    p.add_argument("--data", help="a dataset (any that `gptrain train --data` reads): its validation split")
+    p.add_argument("--data-mode", default="auto", choices=("auto", "text", "nanogpt", "llmc", "npy", "fineweb_npy"),
+                   help="what --data / --val-npy hold (default: detect it)")
+    p.add_argument("--val-data", nargs="+", metavar="FILE", default=(), help="text files to score (tokenized with "
+                   "the model's tokenizer, or --tokenizer-name)")
+    p.add_argument("--val-npy", "--val-shards", nargs="+", metavar="SHARD", default=(),
+                   help="token shards to score (.npy or llm.c .bin)")
+    p.add_argument("--tokenizer-name", default=None, metavar="SPEC", help="tokenizer for --val-data (default: "
+                   "the model's)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: the run's)")
+    p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: the run's)")
+    p.add_argument("--max-tokens", "--eval-tokens", dest="max_tokens", type=int, default=None,
+                   help="validation tokens to score (default: the run's --eval-tokens)")
+    p.add_argument("--no-amp", action="store_true", help="score in fp32 (default: the run's precision on CUDA)")
+    p.add_argument("--seed", type=int, default=42, help="seed (scoring is deterministic; kept for the original's "
+                   "command lines)")
     p.add_argument("--device", default="auto")
+    tasks = p.add_argument_group("downstream tasks (lm-evaluation-harness: pip install -e '.[eval]')")
+    tasks.add_argument("--tasks", nargs="+", metavar="TASK", default=None,
+                       help="score these lm-eval tasks instead of the validation loss: task names, or task YAML "
+                       "files / folders (local data files run offline); commas allowed")
+    tasks.add_argument("--include-path", nargs="+", metavar="DIR", default=None, help="folders of task YAML files")
+    tasks.add_argument("--num-fewshot", type=int, default=None, help="examples shown before each question")
+    tasks.add_argument("--limit", type=float, default=None, help="score at most this many examples per task "
+                       "(a fraction below 1: that share)")
+    tasks.add_argument("--output", metavar="FILE", default=None, help="also write the results as JSON")
     return p
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from gptrain.evaluate import evaluate_checkpoint
 
-    result = evaluate_checkpoint(args.path, data=args.data, eval_tokens=args.eval_tokens,
-                                 batch_size=args.batch_size, device=args.device)
-    print(f"checkpoint {result['checkpoint']} (step {result['step']})")
-    print(f"data {result['dataset']}: {result['tokens']:,} val tokens")
-    print(f"val loss {result['loss']:.4f} | perplexity {result['ppl']:.2f}")
+    if args.tasks:
+        return cmd_eval_tasks(args)
+    result = evaluate_checkpoint(checkpoint_path_of(args, "eval"), data=args.data, batch_size=args.batch_size,
+                                 device=args.device, data_mode=args.data_mode, val_data=list(args.val_data),
+                                 val_npy=list(args.val_npy), tokenizer_name=args.tokenizer_name, seq_len=args.seq_len,
+                                 max_tokens=args.max_tokens, amp=not args.no_amp, seed=args.seed)
+    if result["rank"] == 0:
+        print(f"checkpoint {result['checkpoint']} (step {result['step']})")
+        print(f"data {result['dataset']}: {result['tokens']:,} val tokens ({result['windows']} windows of "
+              f"{result['seq_len']}, over {result['world_size']} process(es))")
+        bpb = f" | bits per byte {result['bpb']:.4f}" if result.get("bpb") is not None else ""
+        print(f"val loss {result['loss']:.4f} | perplexity {result['ppl']:.2f}{bpb}")
+    return 0
+
+
+def cmd_eval_tasks(args: argparse.Namespace) -> int:
+    import json
+
+    from gptrain.hf_eval import evaluate_tasks, format_results
+
+    tasks = [t.strip() for item in args.tasks for t in item.split(",") if t.strip()]
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    report = evaluate_tasks(checkpoint_path_of(args, "eval"), tasks, include_path=args.include_path,
+                            num_fewshot=args.num_fewshot, limit=limit,
+                            batch_size=args.batch_size or 8, device=args.device)
+    print(format_results(report))
+    if args.output:
+        from pathlib import Path
+
+        Path(args.output).write_text(json.dumps(report, indent=2, default=str) + "\n")
+        print(f"wrote {args.output}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- export
+def build_export_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("export", allow_abbrev=False, help="write a model as a Hugging Face transformers folder",
+                       description="Export a run's newest checkpoint (or a given checkpoint, sharded ones included) "
+                       "as a folder that transformers loads offline: AutoModelForCausalLM.from_pretrained(DIR) and "
+                       "AutoTokenizer.from_pretrained(DIR). Needs pip install -e '.[hf]'.")
+    p.add_argument("path", metavar="RUN_OR_CHECKPOINT")
+    p.add_argument("--out", required=True, metavar="DIR", help="the folder to write (an earlier export there is "
+                   "replaced; any other non-empty folder is refused)")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="weights' dtype (default: the training weights', fp32)")
+    p.add_argument("--max-shard-size", default="5GB", help="split model.safetensors above this size (default 5GB)")
+    return p
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import json
+
+    from gptrain.export import export_hf
+
+    out = export_hf(args.path, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    arch = ", ".join(json.loads((out / "config.json").read_text()).get("architectures", []))
+    print(f"exported {args.path} → {out} ({arch})")
     return 0
 
 
@@ -318,6 +436,7 @@ COMMANDS = {
     "prepare": (build_prepare_parser, cmd_prepare),
     "generate": (build_generate_parser, cmd_generate),
     "eval": (build_eval_parser, cmd_eval),
+    "export": (build_export_parser, cmd_export),
     "runs": (build_runs_parser, cmd_runs),
     "plot": (build_plot_parser, cmd_plot),
     "sync": (build_sync_parser, cmd_sync),
@@ -333,7 +452,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     return parser, subparsers
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, hooks=()) -> int:
+    """The `gptrain` command. `hooks`: gptrain.trainer.TrainerHooks for `train` (programmatic callers)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, subparsers = build_parser()
     if not argv or argv[0] in ("-h", "--help", "--version"):
@@ -349,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         args = parse_strict(subparsers[command], argv[1:])
+        if command == "train":
+            return cmd_train(args, hooks)
         return COMMANDS[command][1](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -6,39 +6,54 @@ there is no bar and no control characters, only the lines.
 
 from __future__ import annotations
 
+import logging
+import logging.handlers
 import sys
-import time
 from pathlib import Path
-from typing import TextIO
+
+
+def format_duration(seconds: float) -> str:
+    """0:07, 12:34, 1:02:03: wall times and ETAs as people read them."""
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 class RunConsole:
+    """A run's console through `logging`: one logger per run, a plain stdout handler (or rich's handler
+    above the progress bar on a terminal), and train.log as a file handler once the run folder exists
+    (the lines before it are buffered and written first)."""
+
     def __init__(self, mode: str = "auto", enabled: bool = True):
         self.enabled = enabled
         self.use_bar = enabled and (mode == "bar" or (mode == "auto" and sys.stdout.isatty()))
-        self._log_file: TextIO | None = None
         self._progress = None
         self._task = None
-        self._pending: list[str] = []  # lines printed before the log file exists
+        self.logger = logging.getLogger(f"gptrain.run.{id(self):x}")
+        self.logger.setLevel(logging.INFO)
+        self.logger.propagate = False  # the run's lines are its own, not the application's root logger's
+        self._stdout = logging.StreamHandler(sys.stdout)
+        self._stdout.setFormatter(logging.Formatter("%(message)s"))
+        self._file: logging.Handler | None = None
+        # Lines printed before the run folder exists, for train.log (flushed by attach_log only).
+        self._early = logging.handlers.MemoryHandler(capacity=1_000_000, flushLevel=logging.CRITICAL + 1,
+                                                     flushOnClose=False)
+        for handler in (self._stdout, self._early):
+            self.logger.addHandler(handler)
 
     def attach_log(self, path: Path) -> None:
-        self._log_file = path.open("a", buffering=1)
-        for line in self._pending:
-            self._log_file.write(line + "\n")
-        self._pending.clear()
+        self._file = logging.FileHandler(path, mode="a", encoding="utf-8")
+        self._file.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+        self._early.setTarget(self._file)
+        self._early.flush()
+        self.logger.removeHandler(self._early)
+        self._early.close()
+        self.logger.addHandler(self._file)
 
     def print(self, line: str = "") -> None:
-        if not self.enabled:
-            return
-        if self._progress is not None:
-            self._progress.console.print(line, markup=False, highlight=False)
-        else:
-            print(line, flush=True)
-        stamped = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}"
-        if self._log_file is not None:
-            self._log_file.write(stamped + "\n")
-        else:
-            self._pending.append(stamped)
+        if self.enabled:
+            self.logger.info(line)
 
     def warn(self, message: str) -> None:
         self.print(f"warning: {message}")
@@ -62,6 +77,13 @@ class RunConsole:
         )
         self._progress.start()
         self._task = self._progress.add_task(description, total=total, completed=completed, status="")
+        # Lines go above the bar through rich's own logging handler while it is shown.
+        from rich.logging import RichHandler
+
+        self._rich = RichHandler(console=self._progress.console, show_time=False, show_level=False,
+                                 show_path=False, markup=False, highlighter=None)
+        self.logger.removeHandler(self._stdout)
+        self.logger.addHandler(self._rich)
 
     def update_bar(self, completed: int, status: str | None = None) -> None:
         if self._progress is not None:
@@ -72,9 +94,12 @@ class RunConsole:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+            self.logger.removeHandler(self._rich)
+            self.logger.addHandler(self._stdout)
 
     def close(self) -> None:
         self.stop_bar()
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
+        for handler in list(self.logger.handlers):
+            self.logger.removeHandler(handler)
+            if handler is not self._stdout:
+                handler.close()

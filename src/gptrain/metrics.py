@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gptrain.precision import DTYPES
+
 # Dense peak matrix throughput in TFLOP/s by exact device name and precision. MFU against an
 # unknown GPU is reported as unknown, never guessed.
 GPU_PEAK_TFLOPS: dict[str, dict[str, float]] = {
@@ -44,7 +46,6 @@ def gpu_peak_flops(device: torch.device, precision: str) -> float | None:
 # once; attention over the full context T, as PaLM and nanoGPT count it), times tokens/s, over the
 # peak: the GPU's dense spec peak by exact name, or on CPU the measured matrix-product peak.
 MFU_FORMULA = "mfu = (6*N + 12*n_layers*d_model*T) * tokens_per_sec / (peak_flops * world_size)"
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _measured: dict[tuple, float] = {}
 
 
@@ -56,7 +57,7 @@ def measure_matmul_flops(device: torch.device, precision: str = "fp32", size: in
     `min_seconds` have passed (at least two), and the best is kept: it is the device's limit,
     not an average over the moments another process took the cores.
     """
-    dtype = _DTYPES[precision]
+    dtype = DTYPES[precision]
     gen = torch.Generator(device=device).manual_seed(0)  # its own generator: training's RNG streams stay untouched
     a = torch.randn(size, size, device=device, generator=gen).to(dtype)
     b = torch.randn(size, size, device=device, generator=gen).to(dtype)

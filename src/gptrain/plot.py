@@ -2,16 +2,18 @@
 
 Four panels, one curve per run in each, the same colour for a run everywhere: train loss, val loss,
 learning rate and throughput (global tokens/s), against the optimizer step or tokens seen. The
-curves come from metrics.jsonl through `read_history`, so a resumed run is one line (later segment wins).
+curves come from metrics.jsonl through `history_of`, so a resumed run is one line (later segment wins);
+damaged lines are skipped and counted in one warning per run.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
 from gptrain.errors import UserError
-from gptrain.tracking.jsonl import read_history
+from gptrain.tracking.jsonl import METRICS_FILE, damaged_lines_note, history_of, read_jsonl
 
 PANELS = [("train/loss", "train loss"), ("val/loss", "val loss"), ("lr", "learning rate"),
           ("global_tokens_per_sec", "throughput (tokens/s)")]
@@ -21,10 +23,10 @@ def _series(history: list[dict[str, Any]], key: str, x: str) -> tuple[list[float
     xs, ys = [], []
     for row in history:
         value = row.get(key)
-        if not isinstance(value, (int, float)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
             continue
         xv = row["step"] if x == "steps" else row.get("train/tokens_seen")
-        if xv is None:
+        if not isinstance(xv, (int, float)) or isinstance(xv, bool):
             continue
         xs.append(xv)
         ys.append(float(value))
@@ -42,8 +44,14 @@ def check_image_suffix(out: Path) -> None:
                         f"{', '.join(formats)} (e.g. -o {out.with_suffix('.png')}).")
 
 
-def plot_runs(run_dirs: list[str | Path], out: str | Path, x: str = "steps") -> dict[str, int]:
-    """Write the figure to `out`; returns the number of curves drawn per panel (one per run with data)."""
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def plot_runs(run_dirs: list[str | Path], out: str | Path, x: str = "steps", warn=_warn) -> dict[str, int]:
+    """Write the figure to `out`; returns the number of curves drawn per panel (one per run with data).
+
+    `warn(message)` hears about damaged metrics lines (one message per run)."""
     try:
         import matplotlib
 
@@ -57,10 +65,13 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, x: str = "steps") -> 
     runs = []
     for d in run_dirs:
         d = Path(d)
-        if not (d / "metrics.jsonl").is_file():
+        if not (d / METRICS_FILE).is_file():
             raise UserError(f"{d} is not a run folder with metrics (no metrics.jsonl). Pass run folders such as "
                             "runs/<name>; `gptrain runs` lists them.")
-        runs.append((d.name, read_history(d)))
+        rows, skipped = read_jsonl(d / METRICS_FILE)
+        if skipped:
+            warn(damaged_lines_note(d / METRICS_FILE, skipped))
+        runs.append((d.name, history_of(rows)))
     if not any(h for _, h in runs):
         raise UserError("none of the runs has logged metrics yet; plot again after their first log step.")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from gptrain.errors import UserError
-from gptrain.tracking.wandb_tracker import read_tracking_record
+from gptrain.jsonio import read_json
 
 
 @dataclass
@@ -50,7 +50,11 @@ def wandb_segments(run_dir: str | Path) -> list[Segment]:
     root = run_dir / "wandb"
     found = {p.resolve(): p for p in sorted(root.glob("*run-*")) if p.is_dir() and any(p.glob("*.wandb"))}
     ordered: list[Segment] = []
-    for seg in read_tracking_record(run_dir).get("wandb", {}).get("segments", []):
+    record = read_json(run_dir / "tracking.json").get("wandb")  # {} when missing or damaged
+    listed = record.get("segments") if isinstance(record, dict) else None
+    for seg in listed if isinstance(listed, list) else []:
+        if not isinstance(seg, dict) or not isinstance(seg.get("dir"), str):
+            continue  # a damaged entry: its folder is still found below, by name
         p = (run_dir / seg["dir"]).resolve()
         if p in found:
             d = found.pop(p)
@@ -112,8 +116,10 @@ def sync_run(run_dir: str | Path, *, dry_run: bool = False, project: str | None 
     whose online upload was cut short at exit). `timeout`: seconds one segment's upload may take (with
     an API key but no network, `wandb sync` retries forever)."""
     given = run_dir
-    if not (Path(run_dir) / "run.json").is_file():
-        raise UserError(f"{run_dir} is not a run folder (no run.json). Pass runs/<name>; `gptrain runs` lists them.")
+    from gptrain.runs import is_run_folder
+
+    if not is_run_folder(Path(run_dir)):
+        raise UserError(f"{run_dir} is not a run folder (no run.json, metrics.jsonl or checkpoints/). Pass runs/<name>; `gptrain runs` lists them.")
     run_dir = Path(run_dir).resolve()
     segments = wandb_segments(run_dir)
     if not segments:

@@ -1,13 +1,16 @@
 """The training loop: one loop for one CPU, one GPU or many processes.
 
-Read `Trainer.fit` top to bottom: it is the recipe. Everything else in this file sets up
-the pieces the recipe uses (data, model, optimizer, run folder, checkpoints, metrics).
+Read `Trainer.fit` top to bottom: it is the recipe. It executes a `Plan` (gptrain.plan) resolved
+before the Trainer exists; the pieces it calls decide their own timing (`due(step, ...)`):
+the metrics logger and evaluator (gptrain.reporting), the sampler (gptrain.sampling), the
+checkpointer (gptrain.checkpointer) and the divergence guard (gptrain.divergence).
 """
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import math
+import os
 import signal
 import sys
 import time
@@ -19,50 +22,49 @@ import torch
 import torch.nn.functional as F
 
 from gptrain import checkpoint as ckpt_lib
-from gptrain.chunked_loss import resolve_loss_chunk_size
-from gptrain.config import RAW_DATA_PATHS, SHAPE_KEYS, Config, check_profiler_fits, flag_of, validate
+from gptrain.checkpointer import Checkpointer
+from gptrain.config import Config
 from gptrain.console import RunConsole
-from gptrain.data.dataset import resolve_dataset
-from gptrain.data.loader import BatchLayout, DevicePrefetcher, TrainBatches, open_tokens
-from gptrain.data.prepare import read_meta
-from gptrain.data.tokenizer import load_dataset_tokenizer
+from gptrain.data.loader import DevicePrefetcher, TrainBatches
 from gptrain.distributed import (
     StopAgreement,
-    all_reduce_mean,
-    host_all_reduce,
     init_distributed,
     is_main_process,
     is_peer_failure,
     peer_failure,
     shutdown_distributed,
-    validate_layout,
 )
-from gptrain.distributed import checkpointing as dist_ckpt
-from gptrain.distributed.parallelize import full_value, gradient_sync, parallelize
+from gptrain.distributed.parallelize import gradient_sync, parallelize
+from gptrain.divergence import DivergenceGuard
 from gptrain.errors import PeerFailure, UserError
-from gptrain.evaluate import evaluate_loss
-from gptrain.generate import NonFiniteLogits, generate
 from gptrain.host_memory import host_allocator, reuse_freed_memory
-from gptrain.metrics import MFU_FORMULA, LossAccumulator, StepTimer, memory_metrics, peak_flops_for
+from gptrain.jsonio import write_json_atomic
+from gptrain.metrics import peak_flops_for
 from gptrain.model import GPT, ModelConfig, attention_kernels, flops_per_token
-from gptrain.optim import build_optimizer, lr_at, set_lr
-from gptrain.profiling import Profiler
-from gptrain.run_folder import (
-    environment_record,
-    make_run_dir,
-    new_run_id,
-    new_run_name,
-    read_json,
-    update_run_status,
-    write_json_atomic,
+from gptrain.optim import apply_schedule, build_optimizer
+from gptrain.plan import (
+    Plan,
+    check_memory,
+    dataset_to_train_on,
+    discard_if_unused,
+    find_resume_checkpoint,
+    fresh_start_note,
+    lock_run_folder,
+    model_from_hf,
+    open_training_data,
+    resolve_plan,
+    settings_to_run,
 )
+from gptrain.precision import DTYPES, autocast_for, resolve_precision
+from gptrain.profiling import Profiler
+from gptrain.reporting import Evaluator, MetricsLogger, environment, print_header
+from gptrain.run_folder import read_run_record, record_run_status, update_run_status
 from gptrain.runs import process_identity
+from gptrain.sampling import Sampler
 from gptrain.tracking import NullTracker, build_trackers
-from gptrain.tracking.samples import is_sharded, sample_completions
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# torch.compile unrolls the chunked loss's loop: compile time grows with the chunks per micro-batch (measured
-# on CPU for 512 tokens: 1 chunk 5 s, 8 chunks 9 s, 64 chunks 53 s). Above this many, a warning at start.
+# torch.compile unrolls the chunked loss's loop: compile time grows with the chunks per micro-batch
+# (benchmarks/RESULTS.md, "chunked loss"). Above this many, a warning at start.
 MANY_LOSS_CHUNKS = 64
 
 
@@ -72,20 +74,19 @@ class RunResult:
     final_step: int
     final_val_loss: float | None
     checkpoint: Path | None
-    status: str
+    status: str  # finished | interrupted | diverged
     sample: str | None = None
+    message: str | None = None  # why a run that did not finish stopped
 
 
-def resolve_precision(requested: str, device: torch.device, console: RunConsole) -> str:
-    if requested == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return "bf16"
-        return "fp32"
-    if requested == "bf16" and device.type == "cpu":
-        console.warn("bf16 on CPU: matrix products without native bf16 run hundreds of times slower than fp32.")
-    if requested == "fp16" and device.type == "cpu":
-        raise UserError("--precision fp16 needs a CUDA GPU. Use fp32 (or bf16) on CPU.")
-    return requested
+class TrainerHooks:
+    """Public extension points of the loop (bench, tests): subclass, override, pass `hooks=[...]`."""
+
+    def on_step_end(self, trainer: Trainer, step: int) -> None:
+        """After optimizer step `step` (1-based count of steps done), before logging and evaluation."""
+
+    def on_log(self, trainer: Trainer, step: int, row: dict[str, Any]) -> None:
+        """After a log step's metrics were computed; time spent here is not counted as training time."""
 
 
 def check_attention_backend(backend: str, device: torch.device, precision: str, model_cfg: ModelConfig) -> None:
@@ -137,585 +138,283 @@ class StopRequest:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, explicit: set[str] | None = None, console: RunConsole | None = None):
-        self.explicit = set(explicit or ())
-        self.cfg = cfg
-        self.resume_from: ckpt_lib.Checkpoint | None = None
-        if cfg.train.resume:
-            self.resume_from = self._find_resume_checkpoint(cfg.train.resume)
-            self.cfg = cfg = self._merge_resumed_config(cfg, self.resume_from)
-            if self.resume_from.step >= cfg.train.num_steps:  # before the run folder's records are rewritten
-                raise UserError(f"--resume: the checkpoint {self.resume_from.path} is at step {self.resume_from.step}, "
-                                f"which already reaches --num-steps {cfg.train.num_steps}: nothing to train. Pass a "
-                                f"larger --num-steps (e.g. {self.resume_from.step + cfg.train.num_steps}).")
-            left = cfg.train.num_steps - self.resume_from.step
-            check_profiler_fits(cfg.profile, left, f"the resumed run has {left} steps left (--num-steps "
-                                f"{cfg.train.num_steps} − checkpoint step {self.resume_from.step})",
-                                "Raise --num-steps, or lower --profile-wait and --profile-warmup.")
-        validate(cfg)
-        # Layout errors (degrees vs world size, heads vs --tp, ...) are raised here, before any work.
-        self.dist, self.device = init_distributed(cfg.train.device, cfg.parallel, cfg.model, cfg.train.precision)
-        self.console = console or RunConsole(cfg.train.progress, enabled=self.dist.is_main)
-        self.precision = resolve_precision(cfg.train.precision, self.device, self.console)
+    @classmethod
+    def from_config(cls, cfg: Config, explicit: set[str] | None = None, console: RunConsole | None = None,
+                    hooks: list[TrainerHooks] | tuple = (), **options: bool) -> Trainer:
+        """Resolve the settings into a plan (reading the checkpoint to resume and preparing the data),
+        then build the trainer that executes it (`options`: see __init__)."""
+        explicit = set(explicit or ())
+        if restarted_by_torchrun() and not cfg.train.resume and cfg.train.run_name:
+            cfg = copy.deepcopy(cfg)  # a restarted attempt continues its run (torchrun --max-restarts)
+            cfg.train.resume = "latest"
+        resume = find_resume_checkpoint(cfg)
+        init = None
+        if cfg.train.init_from and resume is None:  # a resumed run has its own weights
+            cfg, state, hf_tokenizer = model_from_hf(cfg, explicit)
+            init = (state, hf_tokenizer)
+        settings = settings_to_run(cfg, explicit, resume)
+        fresh = fresh_start_note(cfg, resume)
+        # The layout's degrees against the world size are checked here, before any work.
+        dist, device = init_distributed(settings.train.device, settings.parallel)
+        console = console or RunConsole(settings.train.progress, enabled=dist.is_main)
+        if fresh:
+            console.print(fresh)
+        precision = resolve_precision(settings.train.precision, device, console.warn)
         # Before any model or batch exists: CPU steps then reuse freed memory instead of faulting in new pages.
-        if self.device.type == "cpu" and cfg.train.reuse_host_memory:
+        if device.type == "cpu" and settings.train.reuse_host_memory:
             reuse_freed_memory()
+        settings = dataset_to_train_on(settings, explicit, resume)
+        data = open_training_data(settings, explicit, resume, dist, console)
+        plan = resolve_plan(settings, explicit, resume, data, dist, device, precision, init)
+        check_memory(plan, dist, device)
+        lock = lock_run_folder(plan, dist)
+        try:
+            trainer = cls(plan, dist, device, console, hooks, **options)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+                discard_if_unused(plan.run_dir)  # a start that failed leaves no empty run folder behind
+            raise
+        trainer.run_lock = lock
+        return trainer
+
+    def __init__(self, plan: Plan, dist, device: torch.device, console: RunConsole,
+                 hooks: list[TrainerHooks] | tuple = (), evaluate: bool = True, save: bool = True) -> None:
+        """`evaluate=False` / `save=False`: no evaluations / checkpoints at all, not even at the end
+        (gptrain bench times the loop alone)."""
+        self.plan, self.dist, self.device, self.console = plan, dist, device, console
+        self.hooks = list(hooks)
+        self.run_lock = None  # held by from_config (gptrain.plan.lock_run_folder)
+        self.cfg = plan.cfg
         self.host_allocator = host_allocator()
-        self._setup_data()
-        self._plan_run_folder()
-        self._setup_model()
+        self._build_model()
+        self.tracker = NullTracker()
+        self.checkpointer = Checkpointer(plan, dist, device, self.raw_model, self.optimizer, self.scaler,
+                                         self.tracker, console, enabled=save)
         # Load the checkpoint before the run folder is touched: a corrupt checkpoint or a shape
         # mismatch ends here, with the run's files exactly as they were.
-        self.start_step, self.start_tokens = self._restore() if self.resume_from else (0, 0)
-        self._create_run_folder()
+        self.start_tokens = self.checkpointer.restore() if plan.resume else 0
+        self._open_run_folder()
+        self.checkpointer.tracker = self.tracker
+        batches = TrainBatches(plan.data.train, plan.seq_len, plan.batch, self.cfg.train.seed)
+        self.prefetch = DevicePrefetcher(batches, device, plan.batch.grad_accum)
+        self.metrics = MetricsLogger(plan, dist, device, self.tracker, console, self.flops_per_token,
+                                     self.peak_flops, batches)
+        self.evaluator = Evaluator(plan, dist, device, self.model, self.autocast, self.tracker, console,
+                                   enabled=evaluate)
+        self.sampler = Sampler(plan, dist, device, self.raw_model, self.tracker, console)
+        self.guard = DivergenceGuard(self.optimizer, self.scaler, self.cfg.train.max_skipped_steps, device)
+        self.stop_agreement = StopAgreement(dist)
 
     # ------------------------------------------------------------------ setup
-    def _find_resume_checkpoint(self, resume: str) -> ckpt_lib.Checkpoint:
-        t = self.cfg.train
-        if resume != "latest":
-            return ckpt_lib.resolve_checkpoint(resume)
-        if t.checkpoint_dir:
-            found = ckpt_lib.latest_checkpoint(Path(t.checkpoint_dir))
-            if found:
-                return found
-        runs = Path(t.runs_dir)
-        if t.run_name:
-            return ckpt_lib.resolve_checkpoint(runs / t.run_name)
-        candidates = sorted((p for p in runs.glob("*/checkpoints") if ckpt_lib.list_checkpoints(p)),
-                            key=lambda p: ckpt_lib.list_checkpoints(p)[-1].stat().st_mtime)
-        if not candidates:
-            raise UserError(f"--resume: no run with a complete checkpoint in {runs}/. Pass --run-name NAME or "
-                            "--resume PATH.")
-        return ckpt_lib.latest_checkpoint(candidates[-1])
+    def _build_model(self) -> None:
+        cfg, plan, device = self.cfg, self.plan, self.device
+        torch.manual_seed(cfg.train.seed)
+        if device.type == "cuda":
+            torch.set_float32_matmul_precision("high")  # TF32 for whatever stays in fp32
+        model = GPT(cfg.model)
+        if plan.init_state is not None:  # --init-from: the transformers folder's weights
+            model.load_state_dict(plan.init_state)
+        model = model.to(device)
+        check_attention_backend(cfg.train.attention_backend, device, plan.precision, cfg.model)
+        model.set_attention_backend(cfg.train.attention_backend)
+        model.loss_chunk_size = plan.loss_chunk_size
+        chunks = math.ceil(cfg.train.batch_size * plan.seq_len / plan.loss_chunk_size) if plan.loss_chunk_size else 0
+        if cfg.train.compile and chunks > MANY_LOSS_CHUNKS:
+            self.console.warn(f"--loss-chunk-size {plan.loss_chunk_size} makes {chunks} chunks per micro-batch "
+                              f"({cfg.train.batch_size} × {plan.seq_len} tokens), and --compile unrolls them all: "
+                              "compilation will take long. A chunk of 1024 tokens or more is as fast.")
+        self.raw_model = model
+        self.model_counts = {"n_params": model.num_parameters(),
+                             "n_params_non_embedding": model.num_parameters(non_embedding=True)}
+        pos_emb = getattr(model, "pos_emb", None)  # learned positions are looked up, not multiplied
+        n_flops_params = self.model_counts["n_params"] - (pos_emb.weight.numel() if pos_emb is not None else 0)
+        self.flops_per_token = flops_per_token(cfg.model, plan.seq_len, n_flops_params)
+        # TP → activation checkpointing → compile → FSDP2/DDP, in place on `model` (names unchanged);
+        # self.model is what the loop calls (a DDP wrapper, a whole-model torch.compile wrapper, or the model).
+        self.model = parallelize(model, self.dist, device, ac=cfg.parallel.ac, compile=cfg.train.compile,
+                                 precision=plan.precision)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        self.profiler = Profiler(cfg.profile, Path(cfg.profile.dir) if cfg.profile.dir else plan.run_dir / "profile",
+                                 self.dist.rank, device, warn=self.console.warn)
+        self.optimizer = build_optimizer(model, cfg.optim, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=plan.precision == "fp16")
+        self.autocast = autocast_for(plan.precision, device)
+        # MFU's denominator: a GPU's spec peak by exact name, or on CPU a ~0.3 s matmul measurement now.
+        self.peak_flops, self.peak_flops_source = peak_flops_for(device, plan.precision)
 
-    def _merge_resumed_config(self, cfg: Config, ckpt: ckpt_lib.Checkpoint) -> Config:
-        """The checkpoint's settings, with the ones given explicitly now on top (e.g. more --num-steps)."""
-        saved = Config.from_dict(ckpt.info["config"])
-        for path in self.explicit:
-            section, key = path.split(".", 1)
-            new_value = getattr(getattr(cfg, section), key)
-            if section == "model" and key in SHAPE_KEYS and new_value != getattr(saved.model, key):
-                raise UserError(
-                    f"--resume: the checkpoint {ckpt.path} has model.{key} = {getattr(saved.model, key)}, "
-                    f"but {new_value} was asked for. A resumed run keeps its model shape: drop that setting, "
-                    "or start a new run."
-                )
-            setattr(getattr(saved, section), key, new_value)
-        saved.train.resume = cfg.train.resume
-        # The layout and profiling belong to this launch, not to the run: a run resumes in any layout.
-        saved.parallel, saved.profile = cfg.parallel, cfg.profile
-        return saved
-
-    def _setup_data(self) -> None:
-        cfg = self.cfg
-        if self.resume_from is not None and "data.dataset" not in self.explicit:
-            raw_given = sorted(self.explicit & set(RAW_DATA_PATHS))
-            if raw_given and (cfg.data.train_files or cfg.data.use_toy_data):
-                cfg.data.dataset = None  # raw text to prepare with the settings given now: the run goes on with it
-            elif raw_given:
-                raise UserError(f"--resume: the run trained on the prepared dataset {cfg.data.dataset or '?'}, so "
-                                f"{', '.join(flag_of(p) for p in raw_given)} would have no text to prepare. Add "
-                                "--train-data FILE... to continue on new text, or drop them.")
-            elif not cfg.data.dataset:  # the data it was trained on (a raw-text run's prepared cache)
-                cfg.data.dataset = self.resume_from.info.get("dataset_dir")
-        if self.dist.enabled:  # rank 0 prepares raw data; the others wait for it (or for its error)
-            self.dataset_dir = self._resolve_dataset_on_rank0(cfg)
-        else:
-            self.dataset_dir = resolve_dataset(cfg.data, self.console, is_main=True)
-        self.meta = read_meta(self.dataset_dir)
-        self.tokenizer = load_dataset_tokenizer(self.dataset_dir)
-        if self.resume_from is not None:
-            self._check_resumed_tokenizer(self.resume_from)
-        self._check_sample_prompts()
-        data_vocab = int(self.meta["vocab_size"])
-        if "model.vocab_size" in self.explicit or self.resume_from is not None:
-            if cfg.model.vocab_size < data_vocab:
-                raise UserError(
-                    f"the dataset {self.dataset_dir} uses {data_vocab} token ids but the model has "
-                    f"--vocab-size {cfg.model.vocab_size}. Raise --vocab-size to at least {data_vocab} "
-                    "(or leave it out to take the dataset's)."
-                )
-        else:
-            cfg.model.vocab_size = data_vocab
-        if cfg.data.seq_len is None:
-            cfg.data.seq_len = cfg.model.max_position_embeddings
-        validate(cfg)
-        self.seq_len = cfg.data.seq_len
-        dtype = self.meta["dtype"]
-        self.train_tokens = open_tokens(self.dataset_dir / "train.bin", dtype)
-        self.val_tokens = open_tokens(self.dataset_dir / "val.bin", dtype)
-        t = cfg.train
-        # --grad-accum-steps counts micro-batches per step over all data-parallel ranks, so the global
-        # batch (batch_size × grad_accum_steps windows) is the same in every layout.
-        dp = self.dist.dp_world
-        if t.grad_accum_steps is None:
-            t.grad_accum_steps = dp
-        if t.grad_accum_steps % dp:
-            raise UserError(f"--grad-accum-steps {t.grad_accum_steps} cannot be split evenly over {dp} data-parallel "
-                            f"ranks (it counts micro-batches per step over all of them). Use a multiple of {dp}, "
-                            f"e.g. --grad-accum-steps {dp * max(1, round(t.grad_accum_steps / dp))} (that changes the "
-                            "global batch), or another layout.")
-        self.layout = BatchLayout(t.batch_size, t.grad_accum_steps // dp, dp, self.dist.dp_rank)
-        self.batches = TrainBatches(self.train_tokens, self.seq_len, self.layout, t.seed)
-        self.tokens_per_step = self.layout.global_batch * self.seq_len
-
-    def _check_sample_prompts(self) -> None:
-        """Prompts the tokenizer cannot encode (a character-level vocabulary) end the run here, not mid-run."""
-        prompts = list(self.cfg.tracking.sample_prompts) if self.cfg.tracking.sample_every != 0 else []
-        if self.cfg.train.sample_tokens > 0:
-            prompts.append(self.cfg.train.sample_prompt)
-        for prompt in prompts:
-            self.tokenizer.encode(prompt)
-
-    def _check_resumed_tokenizer(self, ckpt: ckpt_lib.Checkpoint) -> None:
-        """A resumed model must go on reading the token ids it was trained on."""
-        saved = ckpt.info.get("tokenizer") or {}
-        if saved.get("fingerprint") not in (None, self.tokenizer.fingerprint()):
-            raise UserError(f"--resume: the checkpoint {ckpt.path} was trained with the tokenizer {saved.get('spec')}, "
-                            f"but the dataset {self.dataset_dir} is tokenized with {self.tokenizer.spec}. Resume "
-                            f"on data prepared with the run's tokenizer (its dataset was {ckpt.info.get('dataset_dir')}), "
-                            "or start a new run.")
-
-    def _resolve_dataset_on_rank0(self, cfg: Config) -> Path:
-        import torch.distributed as dist
-
-        result: list[Any] = [None]
+    def _open_run_folder(self) -> None:
+        plan, run_dir = self.plan, self.plan.run_dir
         if self.dist.is_main:
-            try:
-                result = [("ok", str(resolve_dataset(cfg.data, self.console, is_main=True)))]
-            except UserError as e:
-                result = [("error", str(e))]
-        dist.broadcast_object_list(result, src=0, group=self.dist.control_group)
-        kind, value = result[0]
-        if kind == "error":
-            raise UserError(value)
-        return Path(value)
-
-    def _plan_run_folder(self) -> None:
-        """Name the run and its folders (nothing is written yet)."""
-        t = self.cfg.train
-        if self.resume_from is not None:
-            info = self.resume_from.info
-            around = self.resume_from.path.parent.parent
-            run_dir = Path(info.get("run_dir") or around)
-            # A checkpoint inside a run folder (also a copied or moved one) continues that folder.
-            if not run_dir.is_dir() or (around / "run.json").is_file():
-                run_dir = around
-            if "train.run_name" in self.explicit and t.run_name not in (info["run_name"], run_dir.name):
-                raise UserError(f"--resume continues the run {info['run_name']} ({run_dir}), not --run-name "
-                                f"{t.run_name}. Drop --run-name, or start {t.run_name} as a new run without --resume.")
-            t.run_name = info["run_name"]
-            self.run_id = info["run_id"]
-        else:
-            t.run_name = t.run_name or new_run_name()
-            self.run_id = new_run_id()
-            run_dir = Path(t.runs_dir) / t.run_name
-        self.run_dir = run_dir
-        self.checkpoint_dir = Path(t.checkpoint_dir) if t.checkpoint_dir else run_dir / "checkpoints"
-
-    def _create_run_folder(self) -> None:
-        t, run_dir = self.cfg.train, self.run_dir
-        if self.dist.is_main:
-            make_run_dir(run_dir.parent, run_dir.name, must_be_new=self.resume_from is None)
+            run_dir.mkdir(parents=True, exist_ok=True)  # locked already when planned through from_config
             self.console.attach_log(run_dir / "train.log")
             write_json_atomic(run_dir / "config.json", self.cfg.to_dict())
-            run_info = read_json(run_dir / "run.json") or {"run_id": self.run_id, "name": t.run_name,
-                                                           "created_at": time.time()}
+            run_info, note = read_run_record(run_dir) if plan.resume else ({}, None)
+            if note:  # run.json missing or damaged: rebuilt from this folder, never taken from another
+                self.console.warn(note)
+            run_info = run_info or {"run_id": plan.run_id, "name": self.cfg.train.run_name, "created_at": time.time()}
+            run_info["run_id"] = run_info.get("run_id") or plan.run_id
             run_info.setdefault("resumes", [])
-            if self.resume_from is not None:
-                run_info["resumes"].append({"from_step": self.resume_from.step, "at": time.time()})
+            if plan.resume is not None:
+                run_info["resumes"].append({"from_step": plan.resume.step, "at": time.time()})
             write_json_atomic(run_dir / "run.json", run_info)
             update_run_status(run_dir, "running", **process_identity())
         if self.dist.is_main and is_main_process():  # global rank 0 owns the trackers
-            self.tracker = build_trackers(self.cfg, run_dir, self.run_id,
-                                          self.resume_from.step if self.resume_from else None, self.console)
-        else:
-            self.tracker = NullTracker()
+            self.tracker = build_trackers(self.cfg, run_dir, plan.run_id,
+                                          plan.resume.step if plan.resume else None, self.console)
 
-    def _setup_model(self) -> None:
-        cfg = self.cfg
-        torch.manual_seed(cfg.train.seed)
-        if self.device.type == "cuda":
-            torch.set_float32_matmul_precision("high")  # TF32 for whatever stays in fp32
-        model = GPT(cfg.model).to(self.device)
-        check_attention_backend(cfg.train.attention_backend, self.device, self.precision, cfg.model)
-        model.set_attention_backend(cfg.train.attention_backend)
-        self.loss_chunk_size = resolve_loss_chunk_size(cfg.train.loss_chunk_size, self.device,
-                                                       self.dist.layout.tp > 1)
-        model.loss_chunk_size = self.loss_chunk_size
-        chunks = math.ceil(cfg.train.batch_size * self.seq_len / self.loss_chunk_size) if self.loss_chunk_size else 0
-        if cfg.train.compile and chunks > MANY_LOSS_CHUNKS:
-            self.console.warn(f"--loss-chunk-size {self.loss_chunk_size} makes {chunks} chunks per micro-batch "
-                              f"({cfg.train.batch_size} × {self.seq_len} tokens), and --compile unrolls them all: "
-                              "compilation will take long. A chunk of 1024 tokens or more is as fast.")
-        self.raw_model = model
-        self.n_params = model.num_parameters()
-        self.n_params_non_embedding = model.num_parameters(non_embedding=True)
-        n_flops_params = self.n_params - model.pos_emb.weight.numel()
-        self.flops_per_token = flops_per_token(cfg.model, self.seq_len, n_flops_params)
-        validate_layout(self.dist.layout, cfg.model, self.device.type, "nccl" if self.device.type == "cuda"
-                        else "gloo", self.precision)  # again, now that the vocabulary is known
-        # TP → activation checkpointing → compile → FSDP2/DDP, in place on `model` (names unchanged);
-        # self.model is what the loop calls (a DDP wrapper, a whole-model torch.compile wrapper, or the model).
-        self.model = parallelize(model, self.dist, self.device, ac=cfg.parallel.ac, compile=cfg.train.compile,
-                                 precision=self.precision)
-        self.profiler = Profiler(cfg.profile, Path(cfg.profile.dir) if cfg.profile.dir else self.run_dir / "profile",
-                                 self.dist.rank, self.device, warn=self.console.warn)
-        self.optimizer = build_optimizer(model, cfg.optim, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        amp = self.precision in ("bf16", "fp16")
-        self.autocast = (lambda: torch.autocast(self.device.type, dtype=DTYPES[self.precision])) if amp \
-            else contextlib.nullcontext
-        # MFU's denominator: a GPU's spec peak by exact name, or on CPU a ~0.3 s matmul measurement now.
-        self.peak_flops, self.peak_flops_source = peak_flops_for(self.device, self.precision)
-
-    # ------------------------------------------------------------------ loop
-    def fit(self) -> RunResult:
-        cfg, t, console = self.cfg, self.cfg.train, self.console
-        start_step, tokens_seen = self.start_step, self.start_tokens
-        self._print_header(start_step)
+    def _announce(self) -> None:
+        print_header(self.plan, self.dist, self.device, self.model_counts, self.console)
         if self.dist.is_main:
-            write_json_atomic(self.run_dir / "environment.json", self._environment())
-            self.tracker.log_config({**cfg.to_dict(), "environment": self._environment()})
+            env = environment(self.plan, self.dist, self.device, self.model_counts, self.flops_per_token,
+                              self.peak_flops, self.peak_flops_source, self.host_allocator)
+            write_json_atomic(self.plan.run_dir / "environment.json", env)
+            self.tracker.log_config({**self.cfg.to_dict(), "environment": env})
 
-        loss_acc = LossAccumulator(self.device)
-        timer = StepTimer()
-        accum = self.layout.grad_accum  # this rank's micro-batches per step
-        prefetch = DevicePrefetcher(self.batches, self.device, accum)
-        stop_agreement = StopAgreement(self.dist)
-        prof = self.profiler
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        clip = t_clip if (t_clip := cfg.optim.grad_clip) > 0 else float("inf")
-        grad_norm = torch.zeros((), device=self.device)
-        last_val: float | None = None
-        last_ckpt: Path | None = None
-        status = "crashed"
-        # Throughput intervals run from one log step to the next, minus time spent on eval and saves.
-        interval_start, interval_steps, paused = time.perf_counter(), 0, 0.0
-        step = start_step
-        console.start_bar(t.num_steps, start_step)
+    # ------------------------------------------------------------------ the recipe
+    def fit(self) -> RunResult:
+        p, num_steps = self.plan, self.cfg.train.num_steps
+        step, tokens_seen = p.start_step, self.start_tokens
+        status, message = "crashed", None
+        self._announce()
+        self.console.start_bar(num_steps, step)
         try:
-            with StopRequest() as stop, prof:
-                while step < t.num_steps:
-                    # --- one optimizer step: grad_accum micro-batches, then clip and update
-                    lr = lr_at(step, cfg.optim, t.num_steps)
-                    set_lr(self.optimizer, lr)
-                    timer.start()
-                    for micro in range(accum):
-                        with prof.range("data"):
-                            x, y = prefetch.get(step, micro)
-                        timer.lap("data")
-                        with gradient_sync(self.model, sync=micro == accum - 1):  # replicas reduce once per step
-                            with prof.range("forward"), self.autocast():
-                                loss = self.model(x, y)
-                            loss_acc.add(loss)
-                            with prof.range("backward"):
-                                self.scaler.scale(loss / accum).backward()
-                        timer.lap("fwd_bwd")
-                    with prof.range("optimizer"):
-                        self.scaler.unscale_(self.optimizer)
-                        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
-                        self.scaler.step(self.optimizer)
-                        self.scaler.update()
-                        self.optimizer.zero_grad(set_to_none=True)
-                    timer.lap("optim")
-                    prof.step()
-                    step += 1
-                    interval_steps += 1
-                    tokens_seen += self.tokens_per_step
-                    last = step == t.num_steps
-                    stop_now = stop_agreement.update(stop.requested)  # every rank stops at the same step
-
-                    # --- log, evaluate, checkpoint: the only places that wait for the device
-                    if step % t.log_every == 0 or last:
-                        elapsed = self._sync_time() - interval_start - paused
-                        row = self._train_metrics(loss_acc, grad_norm, lr, timer.pop(), elapsed, interval_steps,
-                                                  tokens_seen, step)
-                        self.tracker.log(row, step)
-                        console.print(self._format_line(step, row))
-                        console.update_bar(step, f"loss {row['train/loss']:.3f}")
-                        loss_acc.reset()
-                        interval_start, interval_steps, paused = time.perf_counter(), 0, 0.0
-                    pause_start = time.perf_counter()
-                    val_now = None
-                    if (t.eval_every > 0 and step % t.eval_every == 0) or last:
-                        val_now = last_val = self._evaluate(step, tokens_seen)
-                    if self._samples_due(step, evaluated=val_now is not None):
-                        self._log_samples(step)
-                    if stop_now or last or (t.save_every > 0 and step % t.save_every == 0):
-                        with prof.range("checkpoint"):
-                            last_ckpt = self._save(step, tokens_seen, val_now, final=stop_now or last)
-                    if stop_now:
-                        why = stop.signal_name or "a stop request on another rank"
-                        console.print(f"{why} received: stopped after step {step} and saved "
-                                      f"{last_ckpt}. Continue with: gptrain train --resume {self.run_dir}")
-                        if self.dist.enabled:
-                            print(f"rank {self.dist.rank}: stopped after step {step} ({why})", file=sys.stderr,
-                                  flush=True)
+            with StopRequest() as stop, self.profiler:
+                while step < num_steps:
+                    lr = apply_schedule(self.optimizer, step, self.cfg.optim, num_steps)
+                    grad_norm = self.train_step(step)
+                    step, tokens_seen = step + 1, tokens_seen + p.tokens_per_step
+                    self.metrics.step_done()
+                    last = step == num_steps
+                    stopping = self.stop_agreement.update(stop.requested)  # every rank stops at the same step
+                    for hook in self.hooks:
+                        hook.on_step_end(self, step)
+                    # --- log, evaluate, sample, checkpoint: the only places that wait for the device
+                    with self.metrics.paused():
+                        if self.metrics.due(step, last):
+                            row = self.metrics.log(step, lr, grad_norm, tokens_seen, self.guard.pop_skipped())
+                            for hook in self.hooks:
+                                hook.on_log(self, step, row)
+                            if (skipped := self.guard.diverged()):
+                                status, message = "diverged", self._diverged_message(step, skipped)
+                                break
+                        val = self.evaluator.run(step, tokens_seen) if self.evaluator.due(step, last) else None
+                        if self.sampler.due(step, evaluated=val is not None):
+                            self.sampler.log(step)
+                        if self.checkpointer.due(step, last, stopping):
+                            with self.profiler.range("checkpoint"):
+                                self.checkpointer.save(step, tokens_seen, val, final=stopping or last)
+                    if stopping:
                         status = "interrupted"
+                        self._announce_stop(step, stop.signal_name)
                         break
-                    paused += time.perf_counter() - pause_start
-                stop_agreement.finish()
-            if status != "interrupted":
-                status = "finished"
+                self.stop_agreement.finish()
+            status = "finished" if status == "crashed" else status
         except KeyboardInterrupt:
             status = "interrupted"
             raise
-        except Exception as e:
-            if isinstance(e, PeerFailure) or (self.dist.enabled and is_peer_failure(e)):
-                # Another rank died: say so at once (the launcher may kill this process any moment now).
-                failure = e if isinstance(e, PeerFailure) else peer_failure(e, self.dist)
-                print(f"error: {failure}", file=sys.stderr, flush=True)
-                failure.reported = True
-                raise failure from e
+        except ckpt_lib.CheckpointSaveError:  # a full disk: the previous checkpoint stays the newest
+            status = "failed"
             raise
+        except ckpt_lib.NonFiniteWeightsError:
+            status = "diverged"
+            raise
+        except Exception as e:
+            raise self._as_peer_failure(e) from e
         finally:
-            console.stop_bar()
-            if self.dist.is_main:
-                self.tracker.finish(status)
-                update_run_status(self.run_dir, status, step=step, tokens_seen=tokens_seen, best_val_loss=None
-                                  if last_val is None else last_val)
-        summary = prof.summary() if status == "finished" else None
+            self._record_end(status, step, tokens_seen)
+        return self._wrap_up(status, step, message)
+
+    def train_step(self, step: int) -> torch.Tensor:
+        """One optimizer step: grad_accum micro-batches, clip, the divergence guard, update. Returns the
+        gradient norm (on the device: nothing here waits for it)."""
+        accum, timer, prof = self.plan.batch.grad_accum, self.metrics.timer, self.profiler
+        step_loss = torch.zeros((), device=self.device)
+        timer.start()
+        for micro in range(accum):
+            with prof.range("data"):
+                x, y = self.prefetch.get(step, micro)
+            timer.lap("data")
+            with gradient_sync(self.model, sync=micro == accum - 1):  # replicas reduce once per step
+                with prof.range("forward"), self.autocast():
+                    loss = self.model(x, y)
+                self.metrics.loss.add(loss)
+                step_loss += loss.detach().float()
+                with prof.range("backward"):
+                    self.scaler.scale(loss / accum).backward()
+            timer.lap("fwd_bwd")
+        with prof.range("optimizer"):
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip, foreach=True)
+            if self.guard.before_step(step_loss, grad_norm):
+                self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+        timer.lap("optim")
+        prof.step()
+        return grad_norm
+
+    # ------------------------------------------------------------------ endings
+    def _diverged_message(self, step: int, skipped: int) -> str:
+        newest = self.checkpointer.last
+        return (f"training diverged: the last {skipped} steps (up to step {step}) had a non-finite loss or gradient "
+                f"norm; each was skipped, so the weights are still those of step {step - skipped}. The newest "
+                f"checkpoint is {newest or 'none (no save yet)'}. Try a lower --lr (now {self.cfg.optim.lr:g}), "
+                "more --warmup-steps or a smaller --grad-clip, and resume from that checkpoint.")
+
+    def _announce_stop(self, step: int, signal_name: str | None) -> None:
+        why = signal_name or "a stop request on another rank"
+        self.console.print(f"{why} received: stopped after step {step} and saved {self.checkpointer.last}. "
+                           f"Continue with: gptrain train --resume {self.plan.run_dir}")
+        if self.dist.enabled:
+            print(f"rank {self.dist.rank}: stopped after step {step} ({why})", file=sys.stderr, flush=True)
+
+    def _as_peer_failure(self, e: Exception) -> Exception:
+        """Another rank died: say so at once (the launcher may kill this process any moment now)."""
+        if not (isinstance(e, PeerFailure) or (self.dist.enabled and is_peer_failure(e))):
+            return e
+        failure = e if isinstance(e, PeerFailure) else peer_failure(e, self.dist)
+        print(f"error: {failure}", file=sys.stderr, flush=True)
+        failure.reported = True
+        return failure
+
+    def _record_end(self, status: str, step: int, tokens_seen: int) -> None:
+        self.console.stop_bar()
+        if self.dist.is_main:
+            self.tracker.finish(status)
+            note = record_run_status(self.plan.run_dir, status, step=step, tokens_seen=tokens_seen,
+                                     best_val_loss=self.evaluator.best)
+            if note:
+                self.console.warn(note)
+
+    def _wrap_up(self, status: str, step: int, message: str | None) -> RunResult:
+        summary = self.profiler.summary() if status == "finished" else None
         if summary:
-            console.print(summary)
-        sample = self._final_sample() if status == "finished" else None
-        console.close()
-        return RunResult(self.run_dir, step, last_val, last_ckpt, status, sample)
+            self.console.print(summary)
+        sample = self.sampler.final(self.checkpointer.consolidated_state) if status == "finished" else None
+        if status == "finished" and self.cfg.train.export_hf and self.dist.is_main and self.checkpointer.last:
+            from gptrain.export import export_hf
 
-    # ------------------------------------------------------------------ pieces of the loop
-    def _sync_time(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
-    def _train_metrics(self, loss_acc: LossAccumulator, grad_norm: torch.Tensor, lr: float,
-                       parts: dict[str, float], elapsed: float, steps: int, tokens_seen: int,
-                       step: int) -> dict[str, Any]:
-        # Mean over every rank = mean over data-parallel ranks (tensor-parallel peers hold the same loss).
-        mean_loss = all_reduce_mean(loss_acc.total / max(1, loss_acc.count))
-        # The slowest rank sets the pace: throughput is global tokens over its wall time.
-        fastest, slowest = elapsed, elapsed
-        if self.dist.enabled:
-            (slowest,), (fastest,) = host_all_reduce([elapsed], "max", self.dist), \
-                host_all_reduce([elapsed], "min", self.dist)
-        step_time = slowest / max(1, steps)
-        global_tps = steps * self.tokens_per_step / slowest
-        row: dict[str, Any] = {
-            "train/loss": mean_loss.item(),
-            "train/grad_norm": full_value(grad_norm).item(),
-            "lr": lr,
-            "train/tokens_seen": tokens_seen,
-            "train/epoch": self.batches.epoch_of(step),
-            "tokens_per_sec_per_rank": global_tps / self.dist.world_size,
-            "global_tokens_per_sec": global_tps,
-            "perf/step_time": step_time,
-            "perf/step_time_fastest_rank": fastest / max(1, steps),
-            "amp": int(self.precision in ("bf16", "fp16")),
-        }
-        for name, seconds in parts.items():
-            row[f"perf/{name}_time"] = seconds / max(1, steps)
-        if self.peak_flops:
-            row["perf/mfu"] = self.flops_per_token * global_tps / (self.peak_flops * self.dist.world_size)
-        row.update(memory_metrics(self.device))
-        return row
-
-    def _evaluate(self, step: int, tokens_seen: int) -> float:
-        t = self.cfg.train
-        loss, ppl, n = evaluate_loss(self.model, self.val_tokens, self.seq_len, t.eval_tokens, t.batch_size,
-                                     self.device, self.autocast(), self.dist.dp_rank, self.dist.dp_world,
-                                     self.dist.dp_group)
-        self.tracker.log({"val/loss": loss, "val/ppl": ppl, "val/tokens": n, "train/tokens_seen": tokens_seen},
-                         step)
-        self.console.print(f"step {step:>6}/{t.num_steps} | val loss {loss:.4f} | val ppl {ppl:.2f} "
-                           f"({n:,} tokens)")
-        return loss
-
-    def _save(self, step: int, tokens_seen: int, val_loss: float | None, final: bool = False) -> Path | None:
-        """Single process: torch.save of full state. Several processes: a collective, sharded DCP save
-        (plus, for the final checkpoint, the consolidated weights as model.pt for generate/eval)."""
-        info = {
-            "tokens_seen": tokens_seen,
-            "val_loss": val_loss,
-            "run_id": self.run_id,
-            "run_name": self.cfg.train.run_name,
-            "run_dir": str(self.run_dir),
-            "config": self.cfg.to_dict(),
-            "dataset_dir": str(self.dataset_dir),
-            "dataset_fingerprint": (self.meta.get("inputs") or {}).get("fingerprint"),
-            "tokenizer": {"spec": self.tokenizer.spec, "fingerprint": self.tokenizer.fingerprint(),
-                          "vocab_size": self.tokenizer.vocab_size, "eot_id": self.tokenizer.eot_id},
-        }
-        tok_json = self.tokenizer.to_json()
-        extra_files = {"tokenizer.json": tok_json} if tok_json else None
-        if self.dist.enabled:
-            path = self._save_sharded(step, info, extra_files, final)
-            if not self.dist.is_main:
-                return path
-        else:
-            model_state, optim_state = dist_ckpt.full_state(self.raw_model, self.optimizer)
-            train_state = {
-                "optimizer": optim_state,
-                "scaler": self.scaler.state_dict(),
-                "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else torch.empty(0),
-            }
-            path = ckpt_lib.save_checkpoint(self.checkpoint_dir, step, model_state, train_state, info,
-                                            extra_files=extra_files)
-        ckpt_lib.prune_checkpoints(self.checkpoint_dir, self.cfg.train.keep_last)
-        self.tracker.log_checkpoint(path, step, {"tokens_seen": tokens_seen, "val_loss": val_loss})
-        self.console.print(f"saved checkpoint {path}")
-        return path
-
-    def _save_sharded(self, step: int, info: dict[str, Any], extra_files: dict[str, str] | None,
-                      final: bool) -> Path:
-        import torch.distributed as dist
-
-        group = self.dist.control_group
-        full = dist_ckpt.gather_full_model_state(self.raw_model) if final else None  # collective
-        if final and self.dist.is_main:
-            self._exported_state = full
-        extra = {"rng_cpu": torch.get_rng_state(), "scaler": self.scaler.state_dict()}
-
-        def broadcast(obj):
-            box = [obj]
-            dist.broadcast_object_list(box, src=0, group=group)
-            return box[0]
-
-        return ckpt_lib.save_sharded_checkpoint(
-            self.checkpoint_dir, step, lambda d: dist_ckpt.save_sharded(d, self.raw_model, self.optimizer, extra),
-            info, extra_files, self.dist.rank, broadcast, lambda: dist.barrier(group=group),
-            full_model_state=full if self.dist.is_main else None)
-
-    def _restore(self) -> tuple[int, int]:
-        """Load a checkpoint of either kind, written in any layout, into this layout."""
-        ckpt = self.resume_from
-        if ckpt.is_sharded:
-            template = {"rng_cpu": torch.get_rng_state(), "scaler": self.scaler.state_dict()}
-            train_state = dist_ckpt.load_sharded(ckpt.path / "dcp", self.raw_model, self.optimizer, template)
-        else:
-            model_state = ckpt.load_model_state("cpu")
-            train_state = ckpt.load_train_state("cpu")
-            optim_state = train_state["optimizer"]
-            if optim_state["param_groups"] and isinstance(optim_state["param_groups"][0]["params"][0], int):
-                # format 1: optimizer state keyed by position, loadable by this same single-process model only
-                if self.dist.enabled:
-                    raise UserError(f"checkpoint {ckpt.path} predates layout-independent checkpoints: resume it "
-                                    "in one process first (its next checkpoint loads in any layout).")
-                dist_ckpt.load_full_state(self.raw_model, None, model_state, None)
-                self.optimizer.load_state_dict(optim_state)
-            else:
-                dist_ckpt.load_full_state(self.raw_model, self.optimizer, model_state, optim_state)
-        if train_state.get("scaler"):
-            self.scaler.load_state_dict(train_state["scaler"])
-        torch.set_rng_state(train_state["rng_cpu"].cpu())
-        rng_cuda = train_state.get("rng_cuda")
-        if self.device.type == "cuda" and rng_cuda is not None and rng_cuda.numel():
-            torch.cuda.set_rng_state(rng_cuda.cpu(), self.device)
-        self.console.print(f"resumed from {ckpt.path} (step {ckpt.step})")
-        return ckpt.step, int(ckpt.info.get("tokens_seen", ckpt.step * self.tokens_per_step))
-
-    def _samples_due(self, step: int, evaluated: bool) -> bool:
-        every, prompts = self.cfg.tracking.sample_every, self.cfg.tracking.sample_prompts
-        if not self.dist.is_main or not prompts or self.cfg.tracking.sample_tokens <= 0:
-            return False
-        return evaluated if every is None else (every > 0 and step % every == 0)
-
-    def _log_samples(self, step: int) -> None:
-        """A few short generations from fixed prompts, on rank 0 with the unwrapped model."""
-        if is_sharded(self.raw_model):
-            if not getattr(self, "_noted_sharded", False):
-                self.console.print("text samples skipped: the model is sharded across processes.")
-                self._noted_sharded = True
-            return
-        tr = self.cfg.tracking
-        try:
-            samples = sample_completions(self.raw_model, self.tokenizer, tr.sample_prompts, tr.sample_tokens,
-                                         self.cfg.train.seed, self.device)
-        except RuntimeError as e:  # e.g. NaN weights after a diverged step: a sample must not end the run
-            self.console.warn(f"text samples at step {step} failed: {e}")
-            return
-        self.tracker.log_samples(samples, step)
-
-    def _final_sample(self) -> str | None:
-        t = self.cfg.train
-        if not self.dist.is_main or t.sample_tokens <= 0:
-            return None
-        model = self.raw_model
-        if self.dist.enabled:  # sharded weights: sample from the consolidated copy of the final save
-            state = getattr(self, "_exported_state", None)
-            if not state:
-                return None
-            model = GPT(self.cfg.model)
-            model.load_state_dict(state)
-            model.to(self.device)
-        gen = torch.Generator(device=self.device).manual_seed(t.seed)
-        prompt = self.tokenizer.encode(t.sample_prompt)
-        try:
-            new = generate(model, prompt, t.sample_tokens, generator=gen, stop_id=self.tokenizer.eot_id,
-                           device=self.device)
-        except NonFiniteLogits as e:
-            self.console.warn(f"no sample: {e}.")
-            return None
-        text = t.sample_prompt + self.tokenizer.decode(new)
-        self.console.print("sample:\n" + text)
-        return text
-
-    # ------------------------------------------------------------------ reporting
-    def _environment(self) -> dict[str, Any]:
-        env = environment_record(self.device, self.dist.world_size)
-        env.update(
-            n_params=self.n_params,
-            n_params_non_embedding=self.n_params_non_embedding,
-            tokens_per_step=self.tokens_per_step,
-            flops_per_token=self.flops_per_token,
-            mfu={"formula": MFU_FORMULA, "flops_per_token": self.flops_per_token, "peak_flops": self.peak_flops,
-                 "peak_flops_source": self.peak_flops_source},
-            precision=self.precision,
-            loss_chunk_size=self.loss_chunk_size,
-            host_allocator=self.host_allocator,
-            dataset_dir=str(self.dataset_dir),
-            dataset_fingerprint=(self.meta.get("inputs") or {}).get("fingerprint"),
-            tokenizer=self.tokenizer.spec,
-            tokenizer_fingerprint=self.tokenizer.fingerprint(),
-            run_id=self.run_id,
-        )
-        return env
-
-    def _print_header(self, start_step: int) -> None:
-        c, m, t = self.console, self.cfg.model, self.cfg.train
-        c.print(f"run {t.run_name} → {self.run_dir}")
-        c.print(f"data {self.dataset_dir}: {len(self.train_tokens):,} train / {len(self.val_tokens):,} val tokens, "
-                f"tokenizer {self.tokenizer.spec} (vocab {m.vocab_size})")
-        c.print(f"model {t.preset}: {m.n_layers} layers, {m.n_heads} heads, d_model {m.d_model}, context "
-                f"{m.max_position_embeddings} | {self.n_params:,} parameters "
-                f"({self.n_params_non_embedding:,} non-embedding)")
-        c.print(f"device {self.device} ({self.precision}) | {self.layout.global_batch} sequences × {self.seq_len} "
-                f"tokens = {self.tokens_per_step:,} tokens per optimizer step "
-                f"({t.batch_size} per micro-batch × {self.layout.grad_accum} accumulation × {self.dist.dp_world} "
-                f"data-parallel) | steps {start_step}→{t.num_steps}")
-        if self.dist.enabled:
-            p = self.cfg.parallel
-            c.print(f"layout {self.dist.world_size} processes: {self.dist.layout.describe()} | activation "
-                    f"checkpointing {p.ac} | compile {'on' if t.compile else 'off'}")
-
-    def _format_line(self, step: int, row: dict[str, Any]) -> str:
-        t = self.cfg.train
-        eta = (t.num_steps - step) * row["perf/step_time"]
-        return (f"step {step:>6}/{t.num_steps} | loss {row['train/loss']:.4f} | lr {row['lr']:.2e} | "
-                f"grad norm {row['train/grad_norm']:.3f} | {row['global_tokens_per_sec']:,.0f} tok/s | "
-                f"{row['perf/step_time'] * 1000:.0f} ms/step | ETA {format_duration(eta)}")
+            out = export_hf(self.checkpointer.last, self.cfg.train.export_hf)
+            self.console.print(f"exported the final model as a transformers folder: {out}")
+        self.console.close()
+        return RunResult(self.plan.run_dir, step, self.evaluator.last, self.checkpointer.last, status, sample,
+                         message)
 
 
-def format_duration(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+def restarted_by_torchrun() -> bool:
+    """A worker of torchrun's second or later attempt (after --max-restarts restarted the job)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
 
 
-def train(cfg: Config, explicit: set[str] | None = None, console: RunConsole | None = None) -> RunResult:
+def train(cfg: Config, explicit: set[str] | None = None, console: RunConsole | None = None,
+          hooks: list[TrainerHooks] | tuple = ()) -> RunResult:
+    trainer = None
     try:
-        return Trainer(cfg, explicit, console).fit()
+        trainer = Trainer.from_config(cfg, explicit, console, hooks)
+        return trainer.fit()
     finally:
+        if trainer is not None and trainer.run_lock is not None:
+            trainer.run_lock.release()  # a process that goes on (a test, a notebook) lets others continue the run
         shutdown_distributed()
-

@@ -8,6 +8,10 @@ data-parallel rank r takes its own contiguous slice. So:
 
 - resuming at step k reproduces exactly the batches of an uninterrupted run (no hidden state);
 - a 1-process run with 4 accumulation steps and a 2-process run with 2 see the same windows.
+
+The tokens are any 1-D sequence with len() and slicing: a memory-mapped .bin file, or a
+`TokenShards` (data/format.py) joining many shards (llm.c, .npy) end to end, where a window may
+cross a shard boundary. A batch is the same function of the same arguments either way.
 """
 
 from __future__ import annotations
@@ -18,16 +22,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gptrain.data.format import TokenShards, open_bin
 from gptrain.errors import UserError
+
+Tokens = np.ndarray | TokenShards  # what batches and evaluation windows are cut from
 
 
 def open_tokens(path: Path, dtype: str) -> np.memmap:
-    if not path.is_file():
-        raise UserError(f"{path} does not exist. Prepare the dataset with `gptrain prepare`.")
-    itemsize = np.dtype(dtype).itemsize
-    if path.stat().st_size < 2 * itemsize:
-        raise UserError(f"{path} holds fewer than 2 tokens; prepare a larger dataset.")
-    return np.memmap(path, dtype=dtype, mode="r")
+    """One flat token file, memory-mapped (kept for callers of the old name: see format.open_bin)."""
+    return open_bin(Path(path), dtype)
 
 
 @dataclass
@@ -43,9 +46,9 @@ class BatchLayout:
 
 
 class TrainBatches:
-    """Windows of a token file, addressed by (step, micro_step) for this rank."""
+    """Windows of a token sequence, addressed by (step, micro_step) for this rank."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, layout: BatchLayout, seed: int):
+    def __init__(self, tokens: Tokens, seq_len: int, layout: BatchLayout, seed: int):
         self.tokens = tokens
         self.seq_len = seq_len
         self.layout = layout
@@ -97,7 +100,7 @@ def inputs_and_targets(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rows[:, :-1], rows[:, 1:]
 
 
-def eval_windows(tokens: np.ndarray, seq_len: int, budget_tokens: int) -> int:
+def eval_windows(tokens: Tokens, seq_len: int, budget_tokens: int) -> int:
     """How many leading non-overlapping val windows the eval budget covers (at least one)."""
     available = (len(tokens) - 1) // seq_len
     if available < 1:
@@ -108,7 +111,7 @@ def eval_windows(tokens: np.ndarray, seq_len: int, budget_tokens: int) -> int:
     return max(1, min(available, budget_tokens // seq_len))
 
 
-def eval_rows(tokens: np.ndarray, seq_len: int, window_ids: range | list[int]) -> torch.Tensor:
+def eval_rows(tokens: Tokens, seq_len: int, window_ids: range | list[int]) -> torch.Tensor:
     """Validation windows `window_ids`, (len(window_ids), seq_len + 1) int64."""
     return torch.from_numpy(
         np.stack([np.asarray(tokens[w * seq_len : w * seq_len + seq_len + 1], dtype=np.int64) for w in window_ids]))

@@ -1,8 +1,7 @@
 """Text → a token dataset directory: train.bin, val.bin, meta.json, tokenizer.json.
 
-The .bin files are flat little-endian token ids, uint16 when the vocabulary fits (<= 65536)
-else uint32: the nanoGPT layout, so nanoGPT datasets load too. Each document is followed by the
-tokenizer's end-of-text id.
+The format of that folder (and the other tools' layouts gptrain reads) lives in `data/format.py`;
+this module turns text into it. Each document is followed by the tokenizer's end-of-text id.
 
 How a run goes:
 
@@ -39,12 +38,21 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from gptrain.data import sources
+from gptrain.data.format import (
+    DATASET_FILES,
+    FORMAT_VERSION,
+    cache_root,
+    dtype_for,
+    existing_meta,
+    read_meta,
+    write_meta,
+)
 from gptrain.data.tokenizer import (
     Tokenizer,
     build_tokenizer,
@@ -54,10 +62,8 @@ from gptrain.data.tokenizer import (
     tokenizer_meta,
 )
 from gptrain.errors import UserError
+from gptrain.settings import check_all, declaration, flags_of, setting
 
-FORMAT = "gptrain-tokens"
-FORMAT_VERSION = 1
-DATASET_FILES = ("train.bin", "val.bin", "meta.json", "tokenizer.json")
 MAX_VAL_SHARE = 0.1  # the min_val_tokens top-up never makes val more than this share of all tokens
 DEFAULT_CORPUS = "default-corpus"
 
@@ -65,32 +71,39 @@ Log = Callable[[str], None]
 
 
 @dataclass
-class PrepareConfig:
-    """Settings of `prepare_dataset` (``gptrain prepare``)."""
+class TextSettings:
+    """How raw text becomes tokens: declared once, used by `gptrain prepare` (PrepareConfig) and by
+    `gptrain train` on raw files (gptrain.data.dataset.DataConfig)."""
 
-    inputs: list[str] = field(default_factory=list)  # files/dirs; empty = the default corpus (stdlib .py)
-    out_dir: str = "data/default"
-    tokenizer: str = "bpe:8192"  # byte | bpe:N | hf:NAME_OR_PATH
-    val_inputs: list[str] | None = None  # when non-empty, exactly these documents form the val split
-    val_fraction: float = 0.005  # share of documents hashed into val
-    min_val_tokens: int = 100_000  # top val up to this many tokens (at most 10% of all tokens)
-    line_docs: bool = False  # .txt: each non-empty line is a document
-    text_field: str = "text"  # .jsonl/.json field, .parquet column
-    seed: int = 1337  # for the val split
-    max_tokens: int | None = None  # cap on train tokens (the last document is cut, ends with eot)
-    bpe_sample_bytes: int = 8 * 2**20  # bpe:N trains on at most this much text
-    batch_bytes: int = 4 * 2**20  # text per encode_batch call
-    force: bool = False  # redo even when a matching dataset exists
+    tokenizer: str | None = setting("bpe:4096", "tokenizer spec: byte, bpe:N (trained on the text), hf:NAME_OR_PATH, "
+                                    "gpt2; for token files that carry none, the tokenizer that made them",
+                                    flags=("--tokenizer-name", "--tokenizer"))
+    val_fraction: float = setting(0.005, "fraction of documents (of token shards: of tokens) held out for validation",
+                                  ge=0, lt=1, flags=("--val-ratio", "--val-fraction"))
+    max_tokens: int | None = setting(None, "stop after this many training tokens (the last document is cut)", ge=2)
+    text_field: str = setting("text", "JSON field / parquet column holding the text")
+    line_docs: bool = setting(False, "each non-empty line of a .txt file is one document")
+
+
+@dataclass
+class PrepareConfig(TextSettings):
+    """Settings of `prepare_dataset` (``gptrain prepare``); its command line is generated from these."""
+
+    inputs: list[str] = setting(help="files/dirs (searched recursively); none: the default corpus (the standard "
+                                "library's .py files)", default_factory=list, cli=False)
+    out_dir: str = setting("data/default", "output dataset directory", flags=("--out",), metavar="DIR")
+    val_inputs: list[str] | None = setting(None, "validation inputs: exactly these documents form the val split "
+                                           "(else a split of the inputs)", flags=("--val",), metavar="INPUT")
+    min_val_tokens: int = setting(100_000, "smallest validation split, in tokens (at most 10% of all tokens)", ge=0)
+    seed: int = setting(1337, "seed of the validation split")
+    bpe_sample_bytes: int = setting(8 * 2**20, "bpe:N trains on at most this much text", ge=1024, cli=False)
+    batch_bytes: int = setting(4 * 2**20, "text per encode_batch call", ge=1024, cli=False)
+    force: bool = setting(False, "rebuild even when a matching dataset exists in --out")
 
     def validate(self) -> None:
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise UserError(f"val_fraction must be in [0, 1), got {self.val_fraction}. Fix: e.g. 0.005.")
-        if self.min_val_tokens < 0:
-            raise UserError(f"min_val_tokens must be >= 0, got {self.min_val_tokens}.")
-        if self.max_tokens is not None and self.max_tokens < 2:
-            raise UserError(f"max_tokens must be at least 2, got {self.max_tokens}.")
-        if self.bpe_sample_bytes < 1024 or self.batch_bytes < 1024:
-            raise UserError("bpe_sample_bytes and batch_bytes must be at least 1024.")
+        check_all(self, lambda f: flags_of(f)[0] if declaration(f).cli else f.name)
+        if self.tokenizer is None:
+            raise UserError("gptrain prepare needs a tokenizer: pass --tokenizer byte, bpe:N or hf:NAME.")
         parse_spec(self.tokenizer)
 
     def settings(self) -> dict:
@@ -105,10 +118,6 @@ class PrepareConfig:
             d.pop("val_fraction")
             d.pop("min_val_tokens")
         return d
-
-
-def dtype_for(vocab_size: int) -> np.dtype:
-    return np.dtype("<u2") if vocab_size <= 65536 else np.dtype("<u4")
 
 
 def _stderr_log(msg: str) -> None:
@@ -179,11 +188,6 @@ def _reuse_key(cfg: PrepareConfig, inputs: _Inputs, tok: Tokenizer | None) -> st
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def cache_root() -> Path:
-    """``$GPTRAIN_CACHE``, default ``~/.cache/gptrain``: datasets prepared on the fly live under it."""
-    return Path(os.environ.get("GPTRAIN_CACHE") or Path.home() / ".cache" / "gptrain").expanduser()
-
-
 def dataset_cache_dir(cfg: PrepareConfig) -> Path:
     """A deterministic place for a dataset prepared on the fly (``train --train-data FILE...``).
 
@@ -203,16 +207,8 @@ def dataset_cache_dir(cfg: PrepareConfig) -> Path:
     return base / "datasets" / f"{safe}-{digest}"
 
 
-def _existing_meta(out_dir: Path) -> dict | None:
-    try:
-        meta = json.loads((out_dir / "meta.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
-
-
 def _can_reuse(out_dir: Path, key: str) -> dict | None:
-    meta = _existing_meta(out_dir)
+    meta = existing_meta(out_dir)
     if meta is None or meta.get("reuse_key") != key:
         return None
     try:
@@ -228,7 +224,7 @@ def _check_out_dir(out_dir: Path) -> None:
         if not out_dir.is_dir():
             raise UserError(f"Output {out_dir} exists and is not a directory. Fix: choose another --out.")
         contents = list(out_dir.iterdir())
-        if contents and (_existing_meta(out_dir) is None or any(p.name not in DATASET_FILES for p in contents)):
+        if contents and (existing_meta(out_dir) is None or any(p.name not in DATASET_FILES for p in contents)):
             raise UserError(
                 f"Output directory {out_dir} is not empty and is not a gptrain dataset; not overwriting it. "
                 "Fix: choose another --out, or remove the directory."
@@ -621,8 +617,6 @@ def _write_dataset(tmp: Path, cfg: PrepareConfig, inputs: _Inputs, tok: Tokenize
     if tok_json is not None:
         (tmp / "tokenizer.json").write_text(tok_json, encoding="utf-8")
     meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
         "tokenizer": tokenizer_meta(tok),
         "vocab_size": tok.vocab_size,
         "eot_id": tok.eot_id,
@@ -648,93 +642,30 @@ def _write_dataset(tmp: Path, cfg: PrepareConfig, inputs: _Inputs, tok: Tokenize
         "encode_seconds": round(encode_s, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")  # last: marks complete
-    return meta
+    return write_meta(tmp, meta)  # last: marks the dataset complete
 
 
-# --------------------------------------------------------------------------- reading back
+# --------------------------------------------------------------------------- in memory
 
 
-def read_meta(dataset_dir: str | os.PathLike, vocab_size: int | None = None) -> dict:
-    """meta.json of a prepared dataset, checked against the .bin files.
-
-    A nanoGPT-style directory (train.bin/val.bin with a meta.pkl or nothing) is accepted too:
-    its vocab size comes from meta.pkl, else ``vocab_size``, else GPT-2's (nanoGPT's convention);
-    such a dataset has no gptrain tokenizer (``tokenizer`` is None).
-    """
-    d = Path(dataset_dir).expanduser()
-    path = d / "meta.json"
-    if not path.is_file():
-        if (d / "train.bin").is_file() and (d / "val.bin").is_file():
-            return _nanogpt_meta(d, vocab_size)
-        what = "does not exist" if not d.exists() else "has no meta.json (and no train.bin/val.bin)"
-        raise UserError(f"Dataset {d} {what}. Fix: create it with `gptrain prepare INPUT... --out {d}`.")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} is unreadable or corrupt ({e}). Fix: re-run gptrain prepare for it.") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise UserError(f"{path} is not a gptrain dataset meta.json. Fix: re-run gptrain prepare for it.")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise UserError(f"{path} was written by a newer gptrain (format {meta['format_version']}). Fix: upgrade gptrain.")
-    try:
-        dtype = np.dtype(meta["dtype"])
-        for split in ("train", "val"):
-            tokens = int(meta["splits"][split]["tokens"])
-            size = (d / f"{split}.bin").stat().st_size
-            if size != tokens * dtype.itemsize:
-                raise UserError(
-                    f"{d / f'{split}.bin'} has {size} bytes, meta.json expects {tokens * dtype.itemsize}: the dataset "
-                    "is incomplete or corrupt. Fix: re-run gptrain prepare for it."
-                )
-        int(meta["vocab_size"]), int(meta["eot_id"]), meta["tokenizer"]["spec"]
-    except (KeyError, TypeError, ValueError, OSError) as e:
-        raise UserError(f"{path} is incomplete or the dataset is damaged ({e!r}). Fix: re-run gptrain prepare.") \
-            from None
-    return meta
-
-
-class _SafeUnpickler:
-    """Loads nanoGPT's meta.pkl (plain dicts, strs and ints) without running arbitrary code."""
-
-    @staticmethod
-    def load(path: Path) -> dict:
-        import pickle
-
-        class Restricted(pickle.Unpickler):
-            def find_class(self, module, name):
-                raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-
-        with open(path, "rb") as f:
-            return Restricted(f).load()
-
-
-def _nanogpt_meta(d: Path, vocab_size: int | None) -> dict:
-    tokenizer = None
-    eot_id = None
-    if (d / "meta.pkl").is_file():
-        try:
-            pkl = _SafeUnpickler.load(d / "meta.pkl")
-            vocab_size = int(pkl["vocab_size"])
-        except Exception as e:
-            raise UserError(f"{d / 'meta.pkl'} is unreadable ({e}). Fix: re-prepare the dataset with gptrain.") \
-                from None
-        itos = pkl.get("itos")
-        if isinstance(itos, dict) and all(isinstance(itos.get(i), str) for i in range(vocab_size)):
-            # character-level (shakespeare_char): its characters are the tokenizer, end-of-text one id more
-            tokenizer = {"spec": "chars", "chars": [itos[i] for i in range(vocab_size)]}
-            eot_id = vocab_size
-    elif vocab_size is None:
-        vocab_size, eot_id, tokenizer = 50257, 50256, {"spec": "hf:gpt2"}  # nanoGPT: no meta.pkl = GPT-2 BPE
-    dtype = dtype_for(vocab_size)
-    return {
-        "format": "nanogpt",
-        "format_version": 0,
-        "tokenizer": tokenizer,
-        "vocab_size": vocab_size,
-        "eot_id": eot_id,
-        "dtype": dtype.name,
-        "splits": {s: {"tokens": (d / f"{s}.bin").stat().st_size // dtype.itemsize, "documents": None}
-                   for s in ("train", "val")},
-    }
-
+def tokenize_files(inputs: Sequence[str | os.PathLike], tok: Tokenizer, *, max_tokens: int | None = None,
+                   line_docs: bool = False, text_field: str = "text", batch_bytes: int = 1 << 20) -> np.ndarray:
+    """The tokens of some text files in memory, each document followed by end-of-text: for evaluation
+    text (`gptrain eval --val-data`), which is small or capped by ``max_tokens`` (reading stops there)."""
+    files = sources.resolve_inputs(inputs)
+    dtype = dtype_for(tok.vocab_size)
+    out: list[np.ndarray] = []
+    total = 0
+    eot = np.array([tok.eot_id], dtype=dtype)
+    pieces = sources.iter_pieces(files, line_docs=line_docs, text_field=text_field)
+    for batch in sources.batch_pieces(pieces, batch_bytes):
+        for piece, ids in zip(batch, tok.encode_batch([p.text for p in batch]), strict=True):
+            out.append(ids.astype(dtype, copy=False))
+            total += ids.size
+            if piece.doc_end:
+                out.append(eot)
+                total += 1
+        if max_tokens is not None and total >= max_tokens:
+            break
+    tokens = np.concatenate(out) if out else np.empty(0, dtype=dtype)
+    return tokens if max_tokens is None else tokens[:max_tokens]

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gptrain.data.format import read_meta
 from gptrain.errors import UserError
 
 EOT_TEXT = "<|endoftext|>"
@@ -369,26 +370,19 @@ def tokenizer_from_json(spec: str, tokenizer_json: str | None) -> Tokenizer:
         raise UserError(f"The saved tokenizer.json for {spec} is corrupt ({e}). Fix: re-run prepare.") from None
 
 
-def load_dataset_tokenizer(dataset_dir: str | os.PathLike) -> Tokenizer:
-    """The tokenizer of a prepared dataset, from its meta.json and tokenizer.json."""
-    from gptrain.data.prepare import read_meta
-
+def dataset_tokenizer(dataset_dir: str | os.PathLike, meta: dict | None = None) -> Tokenizer | None:
+    """The tokenizer a dataset folder carries (meta.json + tokenizer.json, or a nanoGPT meta.pkl's
+    character table); None for token data that comes without one (a nanoGPT folder without meta.pkl)."""
     dataset_dir = Path(dataset_dir)
-    meta = read_meta(dataset_dir)
+    meta = read_meta(dataset_dir) if meta is None else meta
     tok_meta = meta.get("tokenizer") or {}
     spec = tok_meta.get("spec")
     if not spec:
-        raise UserError(
-            f"{dataset_dir} has no gptrain tokenizer (a nanoGPT dataset whose meta.pkl has no complete `itos` "
-            "character table). Fix: prepare its text with `gptrain prepare TEXT --tokenizer byte --out DIR` "
-            "(or another tokenizer) and train on DIR."
-        )
+        return None
+    if spec == "chars" and "chars" in tok_meta:
+        return CharTokenizer(tok_meta["chars"])  # a nanoGPT meta.pkl's itos
     json_path = dataset_dir / "tokenizer.json"
     tok_json = json_path.read_text(encoding="utf-8") if json_path.is_file() else None
-    if meta.get("format") == "nanogpt" and spec == "chars":
-        return CharTokenizer(tok_meta["chars"])  # from meta.pkl's itos
-    if meta.get("format") == "nanogpt" and tok_json is None:
-        return build_tokenizer(spec)  # nanoGPT's convention: no meta.pkl means the GPT-2 tokenizer
     tok = tokenizer_from_json(spec, tok_json)
     want = tok_meta.get("fingerprint")
     if want and tok.fingerprint() != want:
@@ -399,6 +393,53 @@ def load_dataset_tokenizer(dataset_dir: str | os.PathLike) -> Tokenizer:
     return tok
 
 
+def load_dataset_tokenizer(dataset_dir: str | os.PathLike) -> Tokenizer:
+    """The tokenizer of a prepared dataset; UserError when the dataset has none."""
+    tok = dataset_tokenizer(dataset_dir)
+    if tok is None:
+        raise UserError(
+            f"{dataset_dir} has no tokenizer (a nanoGPT dataset without a meta.pkl character table). Fix: "
+            "name the tokenizer that made its tokens with --tokenizer-name (e.g. gpt2, or hf:/path/tokenizer.json), "
+            "or prepare its text with `gptrain prepare TEXT --tokenizer byte --out DIR`."
+        )
+    return tok
+
+
 def tokenizer_meta(tok: Tokenizer) -> dict:
     return {"spec": tok.spec, "fingerprint": tok.fingerprint(), "vocab_size": tok.vocab_size, "eot_id": tok.eot_id}
 
+
+# --------------------------------------------------------------------------- bytes per token
+
+
+def token_byte_lengths(tok: Tokenizer) -> np.ndarray:
+    """UTF-8 bytes of the text each id stands for (int64, one entry per id): the unit of bits per byte.
+
+    Exact for byte-level vocabularies (byte, bpe:N, GPT-2-style hf tokenizers: a token's characters
+    in the byte-level alphabet are its bytes) and character tables. Special tokens (end-of-text)
+    count 0 bytes: they stand for a document boundary, not for text. Other Hugging Face tokenizers
+    are measured by decoding each id alone.
+    """
+    n = tok.vocab_size
+    out = np.zeros(n, dtype=np.int64)
+    if isinstance(tok, ByteTokenizer):
+        out[:256] = 1
+    elif isinstance(tok, CharTokenizer):
+        out[: len(tok.chars)] = [len(c.encode("utf-8")) for c in tok.chars]
+    elif isinstance(tok, HFTokenizer):
+        from tokenizers import decoders
+
+        byte_level = isinstance(tok.hf.decoder, decoders.ByteLevel)
+        added = tok.hf.get_added_tokens_decoder()  # id -> AddedToken
+        for text, i in tok.hf.get_vocab(with_added_tokens=True).items():
+            if i >= n or (i in added and added[i].special):
+                continue
+            if byte_level and i not in added:
+                out[i] = len(text)  # one byte-level character per byte
+            else:
+                out[i] = len(tok.hf.decode([i], skip_special_tokens=False).encode("utf-8"))
+    else:
+        for i in range(n):
+            out[i] = 0 if i == tok.eot_id else len(tok.decode([i]).encode("utf-8"))
+    out[tok.eot_id] = 0
+    return out

@@ -114,16 +114,16 @@ def _degrees(rep: int, shard: int, tp: int) -> str:
 
 
 def validate_layout(layout: Layout, model_cfg, device_type: str, backend_name: str, precision: str) -> None:
-    """Model- and backend-dependent checks, raised before any process group or model exists."""
+    """Model- and backend-dependent checks, raised identically on every rank before any model exists."""
     tp = layout.tp
     if tp > 1:
         if model_cfg.n_heads % tp:
             raise UserError(f"--tp {tp} must divide the number of attention heads ({model_cfg.n_heads}): each "
-                            f"tensor-parallel rank holds whole heads. Use --tp {_divisor_hint(model_cfg.n_heads, tp)} "
+                            f"tensor-parallel rank holds whole heads. Use --tp {largest_divisor(model_cfg.n_heads, tp)} "
                             "or change --n-heads.")
         if model_cfg.d_ff % tp:
             raise UserError(f"--tp {tp} must divide the MLP size d_ff ({model_cfg.d_ff}). Use --tp "
-                            f"{_divisor_hint(model_cfg.d_ff, tp)} or change --d-ff.")
+                            f"{largest_divisor(model_cfg.d_ff, tp)} or change --d-ff.")
         if model_cfg.padded_vocab_size % tp:
             raise UserError(f"--tp {tp} must divide the padded vocabulary ({model_cfg.padded_vocab_size} rows). "
                             f"Set --pad-vocab-multiple to a multiple of {tp}.")
@@ -135,19 +135,19 @@ def validate_layout(layout: Layout, model_cfg, device_type: str, backend_name: s
                         "their gradients are DTensors. Use --precision bf16.")
 
 
-def _divisor_hint(n: int, tp: int) -> int:
-    return max(d for d in range(1, tp + 1) if n % d == 0)
+def largest_divisor(n: int, at_most: int) -> int:
+    """The largest d ≤ at_most that divides n: the nearest valid degree or head count to suggest."""
+    return max(d for d in range(1, at_most + 1) if n % d == 0)
 
 
 def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def init_distributed(device_spec: str, parallel=None, model_cfg=None, precision: str = "auto",
-                     ) -> tuple[DistInfo, torch.device]:
-    """Pick the device; with several processes (torchrun), check the layout, then join the process group.
-
-    Layout errors are raised before the process group exists, identically on every rank.
+def init_distributed(device_spec: str, parallel=None) -> tuple[DistInfo, torch.device]:
+    """Pick the device; with several processes (torchrun), check the layout's degrees against the world
+    size (before the process group exists, identically on every rank), then join the process group.
+    The model-dependent checks (`validate_layout`) come with the run's plan, once the vocabulary is known.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -158,15 +158,16 @@ def init_distributed(device_spec: str, parallel=None, model_cfg=None, precision:
         parallel = ParallelConfig()
     layout = resolve_layout(parallel, world)
     backend = backend_for(device)
-    if model_cfg is not None:
-        validate_layout(layout, model_cfg, device.type, backend, precision)
     if world == 1:
         return DistInfo(), device
     if device.type == "cuda":
         torch.cuda.set_device(device)
     timeout = datetime.timedelta(seconds=float(parallel.timeout))
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=timeout,
+        store = restart_attempt_store(world, timeout)
+        dist.init_process_group(backend=backend, timeout=timeout, store=store,
+                                rank=int(os.environ["RANK"]) if store is not None else -1,
+                                world_size=world if store is not None else -1,
                                 device_id=device if device.type == "cuda" else None)
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -182,6 +183,22 @@ def init_distributed(device_spec: str, parallel=None, model_cfg=None, precision:
     info = DistInfo(rank=rank, world_size=world, local_rank=local_rank, dp_rank=dp_rank, dp_world=layout.dp_world,
                     tp_rank=tp_rank, layout=layout, mesh=mesh, dp_group=dp_group, control_group=control)
     return info, device
+
+
+def restart_attempt_store(world: int, timeout: datetime.timedelta):
+    """The rendezvous store of this torchrun attempt, under a prefix of its own (None: not restarted by torchrun).
+
+    torchrun's agent keeps one TCP store for every restart attempt of `--max-restarts` and the process
+    group's keys carry no attempt number, so restarted workers read the dead attempt's addresses (gloo:
+    "connectFullMesh failed … Connection refused") or wait on its stale barrier keys (a hang). A prefix per
+    attempt gives each one clean keys (measured in benchmarks/RESULTS.md, "torchrun restarts").
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                         timeout=timeout)
+    return dist.PrefixStore(f"gptrain/attempt_{attempt}", base)
 
 
 def shutdown_distributed() -> None:

@@ -9,13 +9,17 @@ Tensor parallel plan (Megatron-style, with DTensor):
   `attn.out_proj` and `mlp.fc_out` row-wise (their partial outputs are all-reduced);
 - the token embedding row-wise over the (padded) vocabulary and the LM head column-wise: both shard
   the same weight along dim 0, so the tied weight stays one parameter; logits are all-gathered;
-- everything else (position embedding, LayerNorms) is replicated as DTensors, so every parameter is
-  a DTensor and gradient clipping / the optimizer see one kind of tensor.
+- everything else (position embedding, norms with a learnable gain) is replicated as DTensors, so every
+  parameter is a DTensor and gradient clipping / the optimizer see one kind of tensor. Norms without
+  parameters (the modern family's) are left alone: they act on each rank's full activations.
+Rotary positions and QK-norm act inside each head, so they need no plan: a rank computes them for the
+heads it holds.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from functools import partial
 
 import torch
@@ -50,8 +54,13 @@ def parallelize(model: nn.Module, info: DistInfo, device: torch.device, *, ac: s
     if kind.startswith("ddp"):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
+        # No buffer broadcast before every forward: the model's only buffers are the rotary tables, a function
+        # of its config (the same on every rank). The setting's name changed in PyTorch 2.13.
+        no_buffer_sync = ({"forward_sync_buffers": False}
+                          if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+                          else {"broadcast_buffers": False})
         return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                   process_group=info.dp_group, gradient_as_bucket_view=True)
+                   process_group=info.dp_group, gradient_as_bucket_view=True, **no_buffer_sync)
     return model
 
 
@@ -67,8 +76,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
             "mlp.fc_in": ColwiseParallel(),
             "mlp.fc_out": RowwiseParallel(),
         })
-        _replicate(block.ln_1, tp_mesh)
-        _replicate(block.ln_2, tp_mesh)
+        _replicate_params(block.ln_1, tp_mesh)
+        _replicate_params(block.ln_2, tp_mesh)
     tied = model.lm_head.weight is model.tok_emb.weight
     parallelize_module(model, tp_mesh, {
         "tok_emb": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
@@ -81,8 +90,14 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
     # are padded columns, as the copy costs a pass over all B·T·V logits every micro-step.
     if model.cfg.padded_vocab_size > model.cfg.vocab_size:
         model.lm_head.register_forward_hook(lambda mod, args, out: out.clone())
-    _replicate(model.pos_emb, tp_mesh)
-    _replicate(model.ln_f, tp_mesh)
+    for module in (model.pos_emb, model.emb_norm, model.ln_f):
+        _replicate_params(module, tp_mesh)
+
+
+def _replicate_params(module: nn.Module | None, mesh) -> None:
+    """`_replicate` for a module with parameters; a module without any (or None) needs nothing."""
+    if module is not None and any(True for _ in module.parameters()):
+        _replicate(module, mesh)
 
 
 def _replicate(module: nn.Module, mesh) -> None:

@@ -41,7 +41,7 @@ def build_trackers(cfg, run_dir: Path, run_id: str, resumed_from_step: int | Non
                      f"{'do' if len(unused) > 1 else 'does'} nothing. Add --use-wandb to stream the run to W&B.")
     # Read before the resume marker is written: did the previous segment log steps past the checkpoint?
     last = last_logged_step(run_dir) if resumed_from_step is not None else None
-    trackers: list[Any] = [JsonlTracker(run_dir, resumed_from_step)]
+    trackers: list[Any] = [JsonlTracker(run_dir, resumed_from_step, warn=console.warn)]
     for name in tr.enabled()[1:]:
         if name == "wandb" and tr.wandb_mode == "disabled":
             continue

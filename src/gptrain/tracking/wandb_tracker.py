@@ -23,7 +23,6 @@ warning saying so; nothing is logged twice.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -31,7 +30,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-EXIT_CODES = {"finished": 0, "crashed": 1, "interrupted": 255}
+from gptrain.jsonio import read_json, write_json_atomic
+
+EXIT_CODES = {"finished": 0, "crashed": 1, "failed": 1, "diverged": 1, "interrupted": 255}
 
 
 def has_api_key() -> bool:
@@ -47,17 +48,11 @@ def has_api_key() -> bool:
 
 
 def read_tracking_record(run_dir: Path) -> dict[str, Any]:
-    try:
-        return json.loads((Path(run_dir) / "tracking.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
+    return read_json(Path(run_dir) / "tracking.json")  # missing or damaged (not UTF-8, not JSON): {}
 
 
 def write_tracking_record(run_dir: Path, record: dict[str, Any]) -> None:
-    path = Path(run_dir) / "tracking.json"
-    tmp = path.with_name(f".tracking.json.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(Path(run_dir) / "tracking.json", record)
 
 
 class WandbStartError(Exception):
