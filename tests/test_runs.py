@@ -56,7 +56,10 @@ def test_runs_table_reports_status_and_numbers(runs_dir, capsys):
     assert done.best_val_loss == min(r["val/loss"] for r in history if "val/loss" in r)
     assert done.last_train_loss == history[-1]["train/loss"] and done.tokens == 12 * 4 * 32
     assert done.tokens_per_sec > 0 and 0 < done.wall_time < 120 and done.wandb == "-"
-    assert table["done"][4] == f"{done.best_val_loss:.4f}" and table["done"][5] == f"{done.last_train_loss:.4f}"
+    assert table["done"][4] == f"{done.best_val_loss:.4f}" and table["done"][6] == f"{done.last_train_loss:.4f}"
+    # bits per byte: the byte tokenizer has one byte per token, so bpb = loss / ln 2
+    assert table["done"][5] == f"{done.best_val_bpb:.4f}" and done.best_val_bpb == pytest.approx(
+        min(r["val/loss"] for r in history if "val/loss" in r) / math.log(2), rel=1e-6)
     assert main(["runs", str(runs_dir), "--json"]) == 0
     as_json = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert as_json["crashed"]["steps"] == 9 and as_json["crashed"]["best_val_loss"] == pytest.approx(
@@ -69,7 +72,9 @@ def test_plot_draws_one_curve_per_run(runs_dir, tmp_path, capsys):
 
     out = tmp_path / "curves.png"
     counts = plot_runs([runs_dir / "done", runs_dir / "stopped", runs_dir / "crashed"], out, x="tokens")
-    assert counts == {"train/loss": 3, "val/loss": 2, "lr": 3, "global_tokens_per_sec": 3}  # "stopped" never evaluated
+    # "stopped" never evaluated; bits per byte beside every val loss (byte tokenizer: one byte per token)
+    assert counts == {"train/loss": 3, "val/loss": 2, "val/bpb": 2, "lr": 3, "global_tokens_per_sec": 3,
+                      "train/grad_norm": 3}
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
     assert main(["plot", str(runs_dir / "done"), "-o", str(tmp_path / "one.png")]) == 0
     assert "1 run(s)" in capsys.readouterr().out and (tmp_path / "one.png").stat().st_size > 20_000
@@ -154,7 +159,7 @@ def test_runs_summary_best_val_median_throughput_and_wall_time_without_the_gap(t
     assert s.wall_time == pytest.approx(30.0 + 20.0)  # (1030 - 1000) + (5020 - 5000)
     assert s.steps == 6 and s.tokens == 768 and s.last_train_loss == 3.5
     row = format_table([s]).splitlines()[1].split()
-    assert row[:7] == ["r", "finished", "6", "768", "2.0000", "3.5000", "200"] and row[7] == "0:00:50"
+    assert row[:8] == ["r", "finished", "6", "768", "2.0000", "-", "3.5000", "200"] and row[8] == "0:00:50"
 
 
 def test_runs_lists_runs_oldest_first(tmp_path, capsys):

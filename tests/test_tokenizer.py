@@ -233,7 +233,7 @@ def test_hub_cache_uses_the_snapshot_refs_main_points_to(tmp_path, monkeypatch):
         tok.hf.save(str(repo / "snapshots" / rev / "tokenizer.json"))
     os.utime(repo / "snapshots" / "aaa111" / "tokenizer.json", (1, 1))  # an older download, still main
     (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("aaa111\n")
+    (repo / "refs" / "main").write_text("aaa111")  # as huggingface_hub writes it
     assert build_tokenizer("hf:org/model").fingerprint() == main_tok.fingerprint() != newer_tok.fingerprint()
 
 

@@ -4,6 +4,7 @@ No test needs a network or a W&B account: W&B runs offline, and the online failu
 account-less setup or a closed loopback port.
 """
 
+import importlib.util
 import json
 import math
 import time
@@ -19,7 +20,7 @@ from gptrain.sync import composed_history, inspect_segment, sync_run, wandb_cli,
 from gptrain.tracking import LossWatch, read_history, read_metrics
 from gptrain.trainer import train
 
-pytest.importorskip("wandb")
+needs_wandb = pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed")
 
 KEYS = ["train/loss", "train/grad_norm", "lr", "train/tokens_seen", "train/epoch", "tokens_per_sec_per_rank",
         "global_tokens_per_sec", "perf/step_time", "perf/data_time", "perf/fwd_bwd_time", "perf/optim_time",
@@ -45,6 +46,7 @@ def tb_scalars(run_dir):
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+@needs_wandb
 def test_offline_wandb_and_tensorboard_hold_what_metrics_jsonl_holds(byte_dataset, tmp_path):
     res = run(byte_dataset, tmp_path, **{"train.run_name": "w", "tracking.trackers": ["wandb,tensorboard"],
                                          "tracking.wandb_mode": "offline", "tracking.wandb_tags": ["a,b"]})
@@ -93,6 +95,7 @@ def test_offline_wandb_and_tensorboard_hold_what_metrics_jsonl_holds(byte_datase
         assert [v for _, v in tb[key]] == pytest.approx([v for _, v in expected], rel=1e-6)
 
 
+@needs_wandb
 def test_resumed_crash_continues_the_same_wandb_run_with_each_step_once(byte_dataset, tmp_path, monkeypatch):
     common = {"train.run_name": "r", "train.save_every": 6, "tracking.trackers": ["wandb", "tensorboard"],
               "tracking.wandb_mode": "offline", "tracking.sample_every": 0}
@@ -138,6 +141,7 @@ def test_resumed_crash_continues_the_same_wandb_run_with_each_step_once(byte_dat
     assert [s.dir for s in todo] == [s.dir for s in segs] and len(lines) == 2
 
 
+@needs_wandb
 def test_clean_resume_reattaches_without_rewind(byte_dataset, tmp_path):
     common = {"train.run_name": "c", "tracking.use_wandb": True, "tracking.wandb_mode": "offline",
               "tracking.sample_every": 0}
@@ -148,6 +152,7 @@ def test_clean_resume_reattaches_without_rewind(byte_dataset, tmp_path):
     assert [r["_step"] for r in composed_history(tmp_path / "c")] == [2, 4, 6, 8, 10, 12]
 
 
+@needs_wandb
 def test_sync_takes_a_relative_run_folder_and_ends_a_stalled_upload_with_a_message(byte_dataset, tmp_path,
                                                                                     monkeypatch):
     import subprocess
@@ -174,6 +179,7 @@ def test_sync_takes_a_relative_run_folder_and_ends_a_stalled_upload_with_a_messa
     assert given == [str(segment.dir)]
 
 
+@needs_wandb
 @pytest.mark.parametrize("case", ["no-api-key", "unreachable-server"])
 def test_failed_online_start_falls_back_to_offline_with_one_warning(byte_dataset, tmp_path, monkeypatch, case):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc credentials
@@ -195,6 +201,7 @@ def test_failed_online_start_falls_back_to_offline_with_one_warning(byte_dataset
     assert len(inspect_segment(wandb_segments(res.run_dir)[0].dir)["history"]) == 6
 
 
+@needs_wandb
 def test_wandb_that_cannot_start_at_all_is_switched_off(byte_dataset, tmp_path, monkeypatch):
     import wandb
 
@@ -254,6 +261,7 @@ def test_non_finite_loss_raises_one_alert_in_metrics_jsonl(byte_dataset, tmp_pat
     assert (res.run_dir / "train.log").read_text().count("non-finite train loss") == 1
 
 
+@needs_wandb
 def test_checkpoint_reference_artifact(byte_dataset, tmp_path):
     res = run(byte_dataset, tmp_path, **{"train.run_name": "k", "tracking.use_wandb": True,
                                          "tracking.wandb_mode": "offline", "tracking.wandb_log_checkpoints": "reference",
@@ -330,6 +338,7 @@ def fake_checkpoint(tmp_path, step):
                              {"val_loss": None})
 
 
+@needs_wandb
 def test_wandb_summary_status_best_val_name_and_uploaded_checkpoints(tmp_path, monkeypatch):
     tracker = wandb_tracker(tmp_path, monkeypatch, wandb_run_name="display-name", wandb_log_checkpoints="upload")
     for step, val in ((2, 3.0), (4, 2.0), (6, 2.5)):
@@ -350,6 +359,7 @@ def test_wandb_summary_status_best_val_name_and_uploaded_checkpoints(tmp_path, m
         assert all(not c.get("ref") for c in a["manifest"]["contents"])  # uploaded, not referenced
 
 
+@needs_wandb
 def test_wandb_logs_no_checkpoint_artifact_by_default(tmp_path, monkeypatch):
     tracker = wandb_tracker(tmp_path, monkeypatch)
     tracker.log({"train/loss": 1.0}, 2)

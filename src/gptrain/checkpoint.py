@@ -2,10 +2,11 @@
 
 Layout of one checkpoint, a directory under the run's checkpoints/ folder:
 
-    step_000300/
+    step_0000300/
       model.pt      model weights (plain tensors)
-      train.pt      optimizer, GradScaler, RNG states, step, run id
-      info.json     step, tokens seen, val loss, config, tokenizer identity — readable without torch
+      train.pt      optimizer state (keyed by parameter name), GradScaler, CPU and CUDA RNG states
+      info.json     step, tokens seen, val loss, finite, run id and name, config, dataset, tokenizer identity
+                    — readable without torch
       COMPLETE      written last: a directory without it is ignored
 
 A multi-process run (torchrun) writes the same folder with a sharded `dcp/` sub-folder
@@ -13,7 +14,7 @@ A multi-process run (torchrun) writes the same folder with a sharded `dcp/` sub-
 its final checkpoint also gets a consolidated model.pt, so `gptrain generate/eval` need no process
 group (they can also read `dcp/` directly). Either kind resumes in any layout.
 
-A save writes into `step_000300.tmp-<pid>/` (the pid of global rank 0; all ranks write there),
+A save writes into `step_0000300.tmp-<pid>/` (the pid of global rank 0; all ranks write there),
 fsyncs, writes COMPLETE, then renames the directory into place. A crash at any point leaves either the
 previous checkpoints untouched or a `.tmp-` directory that resume ignores and the next save removes
 before it writes anything (so a disk that is still nearly full gets that space back first). A save that
@@ -43,6 +44,7 @@ from typing import Any
 import torch
 
 from gptrain.errors import UserError
+from gptrain.jsonio import fsync_path
 
 MARKER = "COMPLETE"
 PREFIX = "step_"
@@ -174,18 +176,6 @@ def _load(path: Path, map_location) -> Any:
         raise UserError(f"checkpoint file {path} is corrupt or truncated ({type(e).__name__}: {str(e)[:200]}). "
                         "Resume from an earlier checkpoint or start a new run.") from None
 
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_file(path: Path, write) -> None:
@@ -344,11 +334,11 @@ def save_checkpoint(
         for name, text in (extra_files or {}).items():
             _write_file(tmp / name, lambda f, text=text: f.write(text.encode()))
         _write_file(tmp / MARKER, lambda f: f.write(b"ok\n"))
-        _fsync_dir(tmp)
+        fsync_path(tmp)
         if final.exists():  # re-saving the same step (e.g. a resumed run ending where it started)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(checkpoint_dir)
+        fsync_path(checkpoint_dir)
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
         disk = _disk_error(e)
@@ -427,13 +417,13 @@ def save_sharded_checkpoint(
             _write_file(tmp / "info.json", lambda f: f.write(json.dumps(info, indent=2).encode()))
             for name, text in (extra_files or {}).items():
                 _write_file(tmp / name, lambda f, text=text: f.write(text.encode()))
-            _fsync_dir(tmp / "dcp")
+            fsync_path(tmp / "dcp")
             _write_file(tmp / MARKER, lambda f: f.write(b"ok\n"))
-            _fsync_dir(tmp)
+            fsync_path(tmp)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync_dir(checkpoint_dir)
+            fsync_path(checkpoint_dir)
         except Exception as e:
             shutil.rmtree(tmp, ignore_errors=True)
             error, disk = e, _disk_error(e)

@@ -51,6 +51,7 @@ from gptrain.data.tokenizer import (
     tokenizer_meta,
 )
 from gptrain.errors import UserError
+from gptrain.jsonio import fsync_path
 from gptrain.model import ModelConfig
 
 EXPORT_FORMAT = "gptrain-hf-export"
@@ -534,18 +535,6 @@ def _check_out_dir(out_dir: Path) -> None:
                         "Choose an empty or new folder for --out.")
 
 
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
 
 def _write_text(path: Path, text: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
@@ -582,13 +571,13 @@ def _write_weights(folder: Path, tensors: dict[str, torch.Tensor], max_bytes: in
     groups = _shards(tensors, max_bytes)
     if len(groups) == 1:
         save_file(groups[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
-        _fsync(folder / "model.safetensors")
+        fsync_path(folder / "model.safetensors")
         return
     weight_map = {}
     for n, group in enumerate(groups, start=1):
         name = f"model-{n:05d}-of-{len(groups):05d}.safetensors"
         save_file(group, str(folder / name), metadata={"format": "pt"})
-        _fsync(folder / name)
+        fsync_path(folder / name)
         weight_map.update(dict.fromkeys(group, name))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -653,7 +642,7 @@ def save_hf(model_cfg: ModelConfig, state: dict[str, torch.Tensor], tokenizer: T
         for name, text in files.items():
             _write_text(tmp / name, text)
         _write_text(tmp / RECORD, json.dumps(record, indent=2, ensure_ascii=False) + "\n")  # last: marks an export
-        _fsync(tmp)
+        fsync_path(tmp)
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -710,7 +699,7 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
         else:
             out_dir.rmdir()
     os.replace(tmp, out_dir)
-    _fsync(out_dir.parent)
+    fsync_path(out_dir.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

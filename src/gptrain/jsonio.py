@@ -1,4 +1,4 @@
-"""Small JSON files: read leniently, written atomically.
+"""Small JSON files: read leniently, written atomically; and the fsync that durable writes share.
 
 One implementation for run folders (config.json, run.json), dataset folders (meta.json) and
 caches: a reader that crashes never finds half a file, because every write goes to a temporary
@@ -36,3 +36,18 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's or a folder's entry to disk (a folder: so that a rename into it survives a power
+    loss); silently nothing where the platform or file system cannot."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

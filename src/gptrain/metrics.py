@@ -1,7 +1,7 @@
 """Training metrics kept on the device between log steps, and the numbers computed at log time.
 
 The hot loop only adds tensors (`loss.detach()`) into device-side accumulators; nothing here
-calls `.item()` or reads a CUDA event until `collect()` runs on a log step.
+calls `.item()` until the log step reads them (gptrain.reporting.MetricsLogger.log).
 """
 
 from __future__ import annotations

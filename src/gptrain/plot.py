@@ -1,7 +1,8 @@
 """`gptrain plot`: training curves of one or several runs side by side, as a PNG (matplotlib, the `plot` extra).
 
-Four panels, one curve per run in each, the same colour for a run everywhere: train loss, val loss,
-learning rate and throughput (global tokens/s), against the optimizer step or tokens seen. The
+Six panels, one curve per run in each, the same colour for a run everywhere: train loss, val loss,
+val bits per byte (comparable across tokenizers), learning rate, throughput (global tokens/s) and
+gradient norm, against the optimizer step or tokens seen. The
 curves come from metrics.jsonl through `history_of`, so a resumed run is one line (later segment wins);
 damaged lines are skipped and counted in one warning per run.
 """
@@ -15,8 +16,10 @@ from typing import Any
 from gptrain.errors import UserError
 from gptrain.tracking.jsonl import METRICS_FILE, damaged_lines_note, history_of, read_jsonl
 
-PANELS = [("train/loss", "train loss"), ("val/loss", "val loss"), ("lr", "learning rate"),
-          ("global_tokens_per_sec", "throughput (tokens/s)")]
+PANELS = [("train/loss", "train loss"), ("val/loss", "val loss"), ("val/bpb", "val bits per byte"),
+          ("lr", "learning rate"), ("global_tokens_per_sec", "throughput (tokens/s)"),
+          ("train/grad_norm", "gradient norm")]
+EVALUATIONS = ("val/loss", "val/bpb")  # sparse points: marked
 
 
 def _series(history: list[dict[str, Any]], key: str, x: str) -> tuple[list[float], list[float]]:
@@ -75,7 +78,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, x: str = "steps", war
     if not any(h for _, h in runs):
         raise UserError("none of the runs has logged metrics yet; plot again after their first log step.")
 
-    fig, axes = plt.subplots(2, 2, figsize=(13, 8), constrained_layout=True)
+    fig, axes = plt.subplots(2, 3, figsize=(18, 8), constrained_layout=True)
     counts: dict[str, int] = {}
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (key, title) in zip(axes.flat, PANELS, strict=True):
@@ -85,7 +88,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, x: str = "steps", war
             if not xs:
                 continue
             # Evaluations are sparse, and a line through one point draws nothing: mark the points.
-            style = {"marker": "o", "markersize": 3} if key == "val/loss" or len(xs) == 1 else {}
+            style = {"marker": "o", "markersize": 3} if key in EVALUATIONS or len(xs) == 1 else {}
             ax.plot(xs, ys, label=name, color=colors[i % len(colors)], linewidth=1.4, **style)
             n += 1
         counts[key] = n

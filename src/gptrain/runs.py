@@ -84,6 +84,7 @@ class RunSummary:
     steps: int | None
     tokens: int | None
     best_val_loss: float | None
+    best_val_bpb: float | None
     last_train_loss: float | None
     tokens_per_sec: float | None
     wall_time: float | None
@@ -159,6 +160,7 @@ def summarize_run(run_dir: str | Path) -> RunSummary:
     history = history_of(rows)
     train = [r for r in history if isinstance(r.get("train/loss"), float)]
     vals = [r["val/loss"] for r in history if isinstance(r.get("val/loss"), float) and math.isfinite(r["val/loss"])]
+    bpbs = [r["val/bpb"] for r in history if isinstance(r.get("val/bpb"), float) and math.isfinite(r["val/bpb"])]
     tps = [r["global_tokens_per_sec"] for r in history if _is_number(r.get("global_tokens_per_sec"))]
     steps = history[-1]["step"] if history else info.get("step")
     tokens = next((r["train/tokens_seen"] for r in reversed(history) if _is_number(r.get("train/tokens_seen"))),
@@ -174,6 +176,7 @@ def summarize_run(run_dir: str | Path) -> RunSummary:
         steps=steps,
         tokens=tokens,
         best_val_loss=min(vals) if vals else None,
+        best_val_bpb=min(bpbs) if bpbs else None,
         last_train_loss=train[-1]["train/loss"] if train else None,
         tokens_per_sec=statistics.median(tps) if tps else None,
         wall_time=_wall_time(info, rows),
@@ -186,7 +189,7 @@ def summarize_run(run_dir: str | Path) -> RunSummary:
 def _unreadable(run_dir: Path, error: Exception) -> RunSummary:
     """A run folder the summary could not read at all: listed, with what went wrong."""
     return RunSummary(name=run_dir.name, path=str(run_dir), status="unreadable", steps=None, tokens=None,
-                      best_val_loss=None, last_train_loss=None, tokens_per_sec=None, wall_time=None, wandb="-",
+                      best_val_loss=None, best_val_bpb=None, last_train_loss=None, tokens_per_sec=None, wall_time=None, wandb="-",
                       created_at=None, problems=[f"{run_dir}: could not be read ({type(error).__name__}: {error})"])
 
 
@@ -232,18 +235,27 @@ def _fmt_time(seconds: float | None) -> str:
 
 
 def format_table(summaries: list[RunSummary]) -> str:
-    header = ["name", "status", "steps", "tokens", "best val", "last train", "tok/s", "wall", "W&B"]
-    rows = [[s.name, s.status, "-" if s.steps is None else str(s.steps), _fmt_count(s.tokens),
-             "-" if s.best_val_loss is None else f"{s.best_val_loss:.4f}",
-             "-" if s.last_train_loss is None else f"{s.last_train_loss:.4f}",
-             _fmt_count(s.tokens_per_sec), _fmt_time(s.wall_time), s.wandb] for s in summaries]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    right = {2, 3, 4, 5, 6, 7}
-    lines = []
-    for r in [header, *rows]:
-        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
+    """The runs as a plain-text table (rich.table, no borders or colours: it goes to pipes and files too)."""
+    import io
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, show_edge=False, pad_edge=False, padding=(0, 2, 0, 0), header_style=None)
+    for name, right in (("name", False), ("status", False), ("steps", True), ("tokens", True), ("best val", True),
+                        ("val bpb", True), ("last train", True), ("tok/s", True), ("wall", True), ("W&B", False)):
+        table.add_column(name, justify="right" if right else "left", no_wrap=True)
+    for s in summaries:
+        table.add_row(s.name, s.status, "-" if s.steps is None else str(s.steps), _fmt_count(s.tokens),
+                      _fmt_loss(s.best_val_loss), _fmt_loss(s.best_val_bpb), _fmt_loss(s.last_train_loss),
+                      _fmt_count(s.tokens_per_sec), _fmt_time(s.wall_time), s.wandb)
+    out = io.StringIO()
+    Console(file=out, width=10_000, color_system=None, highlight=False).print(table)
+    return "\n".join(line.rstrip() for line in out.getvalue().splitlines())
+
+
+def _fmt_loss(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
 
 
 def summarize_or_report(run_dir: Path) -> RunSummary:

@@ -30,11 +30,6 @@ class Segment:
     synced: bool
     from_step: int | None = None
 
-    @property
-    def log_file(self) -> Path | None:
-        found = sorted(self.dir.glob("*.wandb"))
-        return found[0] if found else None
-
 
 def wandb_cli(*args: str, timeout: float | None = None) -> subprocess.CompletedProcess:
     """The official wandb CLI of this Python, run from a scratch folder (it writes a debug log into ./wandb/),

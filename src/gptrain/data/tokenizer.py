@@ -261,27 +261,28 @@ def train_bpe(texts: Iterable[str], vocab_size: int, log: Callable[[str], None] 
 
 
 def hf_hub_cache_dir() -> Path:
-    """Where huggingface_hub keeps downloads: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    """Where huggingface_hub keeps downloads (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub).
+
+    Read from the environment at each call: huggingface_hub.constants fixes it once, at import.
+    """
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"]).expanduser()
     if os.environ.get("HF_HOME"):
         return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "huggingface" / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.default_cache_path)
 
 
 def _cached_tokenizer_json(name: str) -> Path | None:
-    repo = hf_hub_cache_dir() / ("models--" + name.replace("/", "--"))
-    snapshots = repo / "snapshots"
-    if not snapshots.is_dir():
+    """The cached tokenizer.json of a hub repo (its `main` snapshot), found by huggingface_hub itself."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(name, "tokenizer.json", cache_dir=hf_hub_cache_dir())
+    except ValueError:  # not a valid repo id
         return None
-    ref = repo / "refs" / "main"
-    if ref.is_file():
-        candidate = snapshots / ref.read_text().strip() / "tokenizer.json"
-        if candidate.is_file():
-            return candidate
-    found = sorted(snapshots.glob("*/tokenizer.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-    return found[0] if found else None
+    return Path(found) if isinstance(found, str) else None
 
 
 def _offline() -> bool:
