@@ -5,12 +5,13 @@
 
 Every layout trains on the same global batches (a pure function of the step; each data-parallel rank
 takes its slice) and rank 0 writes the global mean loss of every step, and a checksum of the weights
-after the last one, to OUT.json.
+after the last one, to OUT.json. MUON_WORKER_MODEL (JSON) changes model options, e.g. {"bias": true}.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from types import SimpleNamespace
 
@@ -28,7 +29,9 @@ STEPS, GLOBAL_BATCH, SEQ, VOCAB = 20, 8, 32, 96
 def model_config() -> ModelConfig:
     # A low soft-cap, so that it bends these small logits; padded vocabulary rows, split by TP.
     small = dict(n_layers=2, n_heads=4, d_model=32, max_position_embeddings=SEQ, logit_softcap=3.0)
-    return ModelConfig(**{**model_settings_for("tiny", "modern"), **small}, vocab_size=VOCAB, pad_vocab_multiple=16)
+    extra = json.loads(os.environ.get("MUON_WORKER_MODEL", "{}"))  # other options, e.g. {"norm_weight": true}
+    return ModelConfig(**{**model_settings_for("tiny", "modern"), **small, **extra}, vocab_size=VOCAB,
+                       pad_vocab_multiple=16)
 
 
 def optim_config() -> OptimConfig:

@@ -62,6 +62,9 @@ def test_original_resume_line_starts_then_continues(byte_dataset, tmp_path, caps
     out = capsys.readouterr().out
     assert "resumed from" in out and "steps 2→4" in out
     assert C.latest_checkpoint(tmp_path / "checkpoints" / "exp1.pt").step == 4
+    # Launched once more (a restart after the last save): the run is complete, nothing to do, exit 0.
+    assert cli(*line) == 0
+    assert "--resume: the run already reached step 4 (--num-steps 4); nothing to train" in capsys.readouterr().out
     # An explicit path that does not exist stays an error.
     assert cli("train", "--resume", tmp_path / "nope", "--data", byte_dataset) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -469,3 +469,30 @@ def test_a_pretty_printed_json_object_is_one_document(tmp_path):
     body = "first line\nsecond line of the only document\n" * 5
     (tmp_path / "one.json").write_text(json.dumps({"id": 1, "text": body}, indent=2))
     assert list(iter_documents([tmp_path / "one.json"])) == [body]
+
+
+def test_sigterm_during_prepare_leaves_no_temporary_folder(tmp_path):
+    """Was: hidden `.OUT.tmp-*` folders (up to 57 MB) that nothing removed."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import make_corpus
+
+    corpus = make_corpus(tmp_path / "corpus", n_docs=4000, words_per_doc=400)
+    out = tmp_path / "ds"
+    proc = subprocess.Popen([sys.executable, "-m", "gptrain", "prepare", str(corpus), "--tokenizer", "byte", "--out",
+                             str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".ds.tmp-*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert not list(tmp_path.glob(".ds.tmp-*")) and not out.exists()
+    # A folder left by a process killed outright (SIGKILL: no handler runs) goes with the next prepare.
+    stale = tmp_path / ".ds.tmp-999999999-abc"
+    stale.mkdir()
+    from gptrain.data.prepare import remove_stale_temp_dirs
+
+    assert remove_stale_temp_dirs(out) == [stale] and not stale.exists()

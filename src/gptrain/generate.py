@@ -17,8 +17,9 @@ from gptrain.errors import UserError
 from gptrain.model import GPT
 
 
-class NonFiniteLogits(ValueError):
-    """Sampling is impossible: the model produced NaN/inf logits (e.g. after a diverged training)."""
+class NonFiniteLogits(UserError):
+    """Sampling is impossible: the model produced NaN/inf logits (e.g. after a diverged training). A UserError:
+    `gptrain generate` ends with its message and exit code 2."""
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -87,7 +88,8 @@ def generate(
     for _ in range(max(0, max_new_tokens)):
         logits = model(x, kv_cache=cache)[0, -1, :vocab].float()
         if not bool(torch.isfinite(logits).all()):
-            raise NonFiniteLogits("the model's logits are not finite (the weights hold NaN or inf)")
+            raise NonFiniteLogits("the model's logits are not finite (the weights hold NaN or inf). Generate from an "
+                                  "earlier checkpoint (checkpoints/step_NNNNNNN) whose weights are finite")
         if greedy:
             nxt = int(torch.argmax(logits))
         else:

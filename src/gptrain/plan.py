@@ -124,7 +124,7 @@ def settings_to_run(cfg: Config, explicit: set[str], resume: ckpt_lib.Checkpoint
     saved.parallel, saved.profile = copy.deepcopy(cfg.parallel), copy.deepcopy(cfg.profile)
     validate(saved)
     if resume.step >= saved.train.num_steps:  # before the run folder's records are rewritten
-        raise UserError(f"--resume: the checkpoint {resume.path} is at step {resume.step}, which already reaches "
+        raise NothingToTrain(resume,f"--resume: the checkpoint {resume.path} is at step {resume.step}, which already reaches "
                         f"--num-steps {saved.train.num_steps}: nothing to train. Pass a larger --num-steps (e.g. "
                         f"{resume.step + saved.train.num_steps}).")
     left = saved.train.num_steps - resume.step
@@ -180,6 +180,20 @@ def keep_run_batch(saved: Config, recorded: dict[str, Any], explicit: set[str]) 
         t.global_batch_size = None
     elif "train.grad_accum_steps" not in explicit:
         t.grad_accum_steps = None
+
+
+class NothingToTrain(UserError):
+    """The checkpoint to resume already reaches --num-steps. An error for `--resume CHECKPOINT`; for a bare,
+    relaunch-safe `--resume` or `--resume RUN_FOLDER` the run is simply complete (gptrain.trainer.train
+    returns it as finished)."""
+
+    def __init__(self, checkpoint: ckpt_lib.Checkpoint, message: str):
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+    def checkpoint_named(self, resume: str | None) -> bool:
+        """Whether --resume named this checkpoint itself (not 'latest', not a run folder to continue)."""
+        return bool(resume) and resume != "latest" and Path(resume).resolve() == self.checkpoint.path.resolve()
 
 
 # ---------------------------------------------------------------------------------------- data

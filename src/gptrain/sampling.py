@@ -33,7 +33,7 @@ class Sampler:
         try:
             samples = sample_completions(self.model, self.plan.data.tokenizer, cfg.tracking.sample_prompts,
                                          cfg.train.sample_tokens, cfg.train.seed, self.device)
-        except RuntimeError as e:  # a sample must not end the run
+        except (RuntimeError, NonFiniteLogits) as e:  # a sample must not end the run
             self.console.warn(f"text samples at step {step} failed: {e}")
             return
         self.tracker.log_samples(samples, step)

@@ -43,6 +43,7 @@ from gptrain.metrics import peak_flops_for
 from gptrain.model import GPT, ModelConfig, attention_kernels, flops_per_token
 from gptrain.optim import apply_schedule, build_optimizer
 from gptrain.plan import (
+    NothingToTrain,
     Plan,
     check_memory,
     dataset_to_train_on,
@@ -414,6 +415,15 @@ def train(cfg: Config, explicit: set[str] | None = None, console: RunConsole | N
     try:
         trainer = Trainer.from_config(cfg, explicit, console, hooks)
         return trainer.fit()
+    except NothingToTrain as done:
+        if done.checkpoint_named(cfg.train.resume):
+            raise  # an explicit checkpoint to continue: --num-steps was probably meant to be larger
+        # A relaunch of a run that had already finished (e.g. a restart after its last save): nothing to do.
+        ckpt = done.checkpoint
+        if is_main_process():
+            print(f"--resume: the run already reached step {ckpt.step} (--num-steps {cfg.train.num_steps}); nothing "
+                  f"to train. Its newest checkpoint is {ckpt.path}.", flush=True)
+        return RunResult(ckpt.path.parent.parent, ckpt.step, ckpt.info.get("val_loss"), ckpt.path, "finished")
     finally:
         if trainer is not None and trainer.run_lock is not None:
             trainer.run_lock.release()  # a process that goes on (a test, a notebook) lets others continue the run

@@ -27,11 +27,13 @@ How a run goes:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import queue
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -534,14 +536,16 @@ def prepare_dataset(cfg: PrepareConfig, progress: bool | None = None, log: Log |
         log(f"trained {spec} in {time.perf_counter() - t:.1f}s (vocab {tok.vocab_size})")
     dtype = dtype_for(tok.vocab_size)
 
+    remove_stale_temp_dirs(out_dir)
     try:
         tmp = Path(_make_temp_dir(out_dir))
     except OSError as e:
         raise UserError(f"Cannot write to {out_dir.parent}: {e.strerror or e}. Fix: choose a writable --out path.") \
             from None
     try:
-        meta = _write_dataset(tmp, cfg, inputs, tok, dtype, key, total_bytes, skip_bad, live, log, t0)
-        _swap_into_place(tmp, out_dir)
+        with _sigterm_as_interrupt():
+            meta = _write_dataset(tmp, cfg, inputs, tok, dtype, key, total_bytes, skip_bad, live, log, t0)
+            _swap_into_place(tmp, out_dir)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"Writing the dataset to {out_dir} failed: {e.strerror or e}. Fix: check free disk space "
@@ -555,10 +559,55 @@ def prepare_dataset(cfg: PrepareConfig, progress: bool | None = None, log: Log |
     return out_dir
 
 
+class PrepareInterrupted(KeyboardInterrupt):
+    """SIGTERM during preparation: raised so that the temporary folder is removed on the way out."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM's default action ends the process at once, leaving the temporary folder behind: raise instead
+    (main thread only; elsewhere the next prepare removes it, see remove_stale_temp_dirs)."""
+
+    def stop(signum, frame):
+        raise PrepareInterrupted(f"stopped by {signal.Signals(signum).name}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def remove_stale_temp_dirs(out_dir: Path) -> list[Path]:
+    """Temporary folders of earlier prepares into `out_dir` whose process is gone (killed, even with
+    SIGKILL): removed. The folder name carries the writer's pid (`.<name>.tmp-<pid>-<random>`)."""
+    removed = []
+    for path in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
+        pid = path.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _make_temp_dir(out_dir: Path) -> str:
     import tempfile
 
-    tmp = tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent)
+    tmp = tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the dataset should look like any directory
