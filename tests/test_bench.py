@@ -29,7 +29,7 @@ def test_gpt2_flops_per_token_follows_the_documented_formula():
     assert cfg.padded_vocab_size == 50304
     n = model.num_parameters() - model.pos_emb.weight.numel()  # tied embedding counted once
     assert n == 124_475_904 - 1024 * 768
-    assert flops_per_token(cfg, 1024, n) == 6 * n + 12 * 12 * 768 * 1024 == 855_383_040
+    assert flops_per_token(cfg, 1024, model.num_parameters()) == 6 * n + 12 * 12 * 768 * 1024 == 855_383_040
 
 
 def test_cpu_peak_is_measured_and_an_unknown_gpu_has_none(monkeypatch):
@@ -81,7 +81,8 @@ def test_bench_command_runs_the_training_loop_and_prints_a_table(tmp_path, capsy
     assert r["loss_chunk_size"] == 1024  # the CPU default, as the run used it
     assert r["model"]["d_model"] == 64 and r["tokens_per_step"] == 4 * 64
     assert r["tokens_per_sec"] > 0 and r["step_time"] > 0 and r["matmul_flops"] > 0
-    assert r["flops_per_token"] == pytest.approx(6 * (r["n_params"] - 64 * 64) + 12 * 2 * 64 * 64)
+    # the default (modern) family: rotary (no position table) and an untied head, whose token embedding is a lookup
+    assert r["flops_per_token"] == pytest.approx(6 * (r["n_params"] - 512 * 64) + 12 * 2 * 64 * 64)
     assert r["mfu_measured"] == pytest.approx(statistics.median(r["mfu_measured_windows"])) and r["mfu_spec"] is None
     assert r["mfu_measured_windows"] == pytest.approx(
         [r["flops_per_token"] * t / p for t, p in zip(r["tokens_per_sec_windows"], r["matmul_flops_windows"], strict=True)])

@@ -28,7 +28,8 @@ def metrics(run_dir):
 
 
 def test_training_writes_a_self_explaining_run_folder(byte_dataset, tmp_path):
-    res = run(byte_dataset, tmp_path, **{"train.run_name": "r1"})
+    # The GPT-2 family: one AdamW learning rate (the Muon recipe's groups each scale it: tests/test_recipe.py)
+    res = run(byte_dataset, tmp_path, **{"train.run_name": "r1", "model.family": "gpt2"})
     d = tmp_path / "r1"
     assert res.status == "finished" and res.final_step == 12 and res.run_dir == d
     for name in ("config.json", "environment.json", "run.json", "metrics.jsonl", "train.log"):
@@ -55,7 +56,8 @@ def test_logged_loss_is_mean_over_micro_batches(byte_dataset, tmp_path):
     # With lr 0 the weights never change, so the logged loss must equal the mean of the
     # per-micro-batch losses recomputed independently.
     res = run(byte_dataset, tmp_path, **{"train.num_steps": 2, "train.log_every": 2, "train.grad_accum_steps": 3,
-                                          "optim.lr": 1e-12, "optim.min_lr": 0.0, "train.run_name": "m"})
+                                          "optim.lr": 1e-12, "optim.min_lr": 0.0, "train.run_name": "m",
+                                          "optim.optimizer": "adamw"})  # one learning rate for every weight
     from gptrain.data.loader import BatchLayout, TrainBatches, open_tokens
     from gptrain.data.prepare import read_meta
     from gptrain.model import GPT, ModelConfig
@@ -97,7 +99,7 @@ def test_gradient_clipping_bounds_the_update(byte_dataset, tmp_path):
         res = run(byte_dataset, tmp_path, **{"train.run_name": f"clip{clip}", "train.num_steps": 2,
                                               "train.eval_every": 0, "optim.grad_clip": clip, "optim.eps": 1.0,
                                               "optim.lr": 1.0, "optim.warmup_steps": 0, "optim.weight_decay": 0.0,
-                                              "optim.lr_scheduler": "constant"})
+                                              "optim.lr_scheduler": "constant", "optim.optimizer": "adamw"})
         ckpt = C.latest_checkpoint(res.run_dir / "checkpoints")
         torch.manual_seed(ckpt.info["config"]["train"]["seed"])  # the trainer's initialisation, again
         start = GPT(ModelConfig(**ckpt.info["config"]["model"])).state_dict()

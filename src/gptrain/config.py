@@ -5,7 +5,8 @@ module that owns its section: the model's in model.py, the optimizer's in optim.
 data/dataset.py, the rest below. The command line (cli.py), TOML loading, the checks, config.json
 and the README's flag table are all generated from those declarations.
 
-Precedence, lowest first: dataclass defaults < model family < model preset < TOML file < command line.
+Precedence, lowest first: dataclass defaults < model family (its model options and optimizer settings)
+< model preset (a shape) < TOML file < command line.
 Each setting has one dotted name (`optim.lr`) used in TOML (`[optim] lr = 3e-4`) and in config.json.
 """
 
@@ -22,7 +23,7 @@ from gptrain.data.dataset import DataConfig
 from gptrain.distributed import largest_divisor
 from gptrain.errors import UserError
 from gptrain.model import ATTENTION_BACKENDS, PRESETS, ModelConfig, model_settings_for
-from gptrain.optim import OptimConfig
+from gptrain.optim import OptimConfig, optim_settings_for
 from gptrain.run_folder import check_run_name
 from gptrain.settings import (
     check_all,
@@ -303,6 +304,8 @@ def build_config(overrides: dict[str, Any], toml_path: str | None = None) -> tup
     family = None if family is None else coerce(ModelConfig, "family", family, "setting 'model.family'")
     for key, value in model_settings_for(preset, family).items():
         set_path(cfg, f"model.{key}", value)
+    for key, value in optim_settings_for(cfg.model.family).items():  # the family's optimizer recipe
+        set_path(cfg, f"optim.{key}", value)
     for path, value in explicit.items():
         set_path(cfg, path, value)
     # The model's derived defaults (d_ff = 4·d_model) are computed once, by ModelConfig itself.

@@ -228,9 +228,7 @@ class Trainer:
         self.raw_model = model
         self.model_counts = {"n_params": model.num_parameters(),
                              "n_params_non_embedding": model.num_parameters(non_embedding=True)}
-        pos_emb = getattr(model, "pos_emb", None)  # learned positions are looked up, not multiplied
-        n_flops_params = self.model_counts["n_params"] - (pos_emb.weight.numel() if pos_emb is not None else 0)
-        self.flops_per_token = flops_per_token(cfg.model, plan.seq_len, n_flops_params)
+        self.flops_per_token = flops_per_token(cfg.model, plan.seq_len, self.model_counts["n_params"])
         # TP → activation checkpointing → compile → FSDP2/DDP, in place on `model` (names unchanged);
         # self.model is what the loop calls (a DDP wrapper, a whole-model torch.compile wrapper, or the model).
         self.model = parallelize(model, self.dist, device, ac=cfg.parallel.ac, compile=cfg.train.compile,
