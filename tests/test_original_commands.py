@@ -155,3 +155,40 @@ def test_torchrun_max_restarts_continues_to_the_same_weights(byte_dataset, tmp_p
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
+
+
+def test_fineweb_npy_and_llmc_shards_train_as_the_original_spelled_them(tmp_path, capsys):
+    """`--data-mode fineweb_npy --train-npy … --val-npy …` (build-nanoGPT's .npy shards) and llm.c's .bin
+    shards by glob: memory-mapped in place, trained on, evaluated."""
+    rng = np.random.default_rng(0)
+    text = np.frombuffer(("the quick brown fox jumps over the lazy dog. " * 400).encode(), dtype=np.uint8)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i in range(3):
+        np.save(shards / f"edufineweb_train_{i:06d}.npy", text.astype(np.uint16))
+    np.save(shards / "edufineweb_val_000000.npy", rng.permutation(text).astype(np.uint16))
+    tiny = ["--n-layers", "2", "--n-heads", "2", "--d-model", "32", "--max-position-embeddings", "32",
+            "--batch-size", "4", "--num-steps", "3", "--eval-tokens", "256", "--progress", "plain",
+            "--runs-dir", tmp_path / "runs", "--vocab-size", "256"]
+    assert cli("train", "--data-mode", "fineweb_npy", "--train-npy", *sorted(shards.glob("*train*.npy")),
+               "--val-npy", shards / "edufineweb_val_000000.npy", "--run-name", "npy", *tiny) == 0
+    assert "done: 3 steps" in capsys.readouterr().out
+    # llm.c: 256 int32 header (magic 20240520, version 1, token count), then uint16 tokens
+    bins = tmp_path / "llmc"
+    bins.mkdir()
+    for name in ("fineweb_train_000001.bin", "fineweb_train_000002.bin", "fineweb_val_000000.bin"):
+        header = np.zeros(256, dtype=np.int32)
+        header[:3] = (20240520, 1, len(text))
+        with open(bins / name, "wb") as f:
+            f.write(header.tobytes())
+            f.write(text.astype(np.uint16).tobytes())
+    assert cli("train", "--data", f"{bins}/fineweb_*.bin", "--run-name", "llmc", *tiny) == 0
+    out = capsys.readouterr().out
+    assert "done: 3 steps" in out
+    cfg = json.loads((tmp_path / "runs" / "llmc" / "config.json").read_text())
+    assert cfg["model"]["vocab_size"] == 256
+    bad = bins / "bad"
+    bad.mkdir()
+    (bad / "x_train.bin").write_bytes(np.zeros(256, dtype=np.int32).tobytes() + b"\0\0")
+    assert cli("train", "--data", f"{bad}/*.bin", "--run-name", "bad", *tiny) == 2
+    assert "magic" in capsys.readouterr().err
