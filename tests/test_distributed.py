@@ -143,7 +143,9 @@ def test_sharded_checkpoints_are_complete_and_exported(runs):
     plain = C.read_checkpoint(runs["single"] / "checkpoints" / "step_0000010").load_model_state()
     assert sharded.keys() == plain.keys()
     worst = max((sharded[k] - plain[k]).abs().max().item() for k in plain)
-    assert worst < 1e-5
+    # fp32 sums in another order under FSDP, and Muon's Newton–Schulz iterations (the default recipe) amplify
+    # last-bit differences: 10 steps leave the weights within ~2e-5 of each other (~1e-4 of their size).
+    assert worst < 1e-4
     exported = torch.load(final / "model.pt", weights_only=True)
     assert exported.keys() == plain.keys()
     # `gptrain eval` works on the multi-process run folder and agrees with the single-process run.

@@ -9,6 +9,8 @@ Tensor parallel plan (Megatron-style, with DTensor):
   `attn.out_proj` and `mlp.fc_out` row-wise (their partial outputs are all-reduced);
 - the token embedding row-wise over the (padded) vocabulary and the LM head column-wise: both shard
   the same weight along dim 0, so the tied weight stays one parameter; logits are all-gathered;
+- value embeddings column-wise (their d_model columns are heads × head_dim, head-major like the values):
+  each rank looks up the columns of the heads it holds;
 - everything else (position embedding, norms with a learnable gain) is replicated as DTensors, so every
   parameter is a DTensor and gradient clipping / the optimizer see one kind of tensor. Norms without
   parameters (the modern family's) are left alone: they act on each rank's full activations.
@@ -78,6 +80,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
         })
         _replicate_params(block.ln_1, tp_mesh)
         _replicate_params(block.ln_2, tp_mesh)
+    if model.value_embeds is not None:
+        for table in model.value_embeds.values():
+            parallelize_module(table, tp_mesh, ColwiseParallel())
     tied = model.lm_head.weight is model.tok_emb.weight
     parallelize_module(model, tp_mesh, {
         "tok_emb": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
@@ -90,7 +95,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
     # are padded columns, as the copy costs a pass over all B·T·V logits every micro-step.
     if model.cfg.padded_vocab_size > model.cfg.vocab_size:
         model.lm_head.register_forward_hook(lambda mod, args, out: out.clone())
-    for module in (model.pos_emb, model.emb_norm, model.ln_f):
+    for module in (model.pos_emb, model.emb_norm, model.smear, model.ln_f):
         _replicate_params(module, tp_mesh)
 
 
