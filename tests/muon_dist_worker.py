@@ -27,8 +27,9 @@ STEPS, GLOBAL_BATCH, SEQ, VOCAB = 20, 8, 32, 96
 
 
 def model_config() -> ModelConfig:
-    # A low soft-cap, so that it bends these small logits; padded vocabulary rows, split by TP.
-    small = dict(n_layers=2, n_heads=4, d_model=32, max_position_embeddings=SEQ, logit_softcap=3.0)
+    # A low soft-cap, so that it bends these small logits; padded vocabulary rows, split by TP; value
+    # embeddings (an option of the modern family), split by heads under TP.
+    small = dict(n_layers=2, n_heads=4, d_model=32, max_position_embeddings=SEQ, logit_softcap=3.0, value_embeds=True)
     extra = json.loads(os.environ.get("MUON_WORKER_MODEL", "{}"))  # other options, e.g. {"norm_weight": true}
     return ModelConfig(**{**model_settings_for("tiny", "modern"), **small, **extra}, vocab_size=VOCAB,
                        pad_vocab_multiple=16)

@@ -33,7 +33,10 @@ from gptrain.trainer import train
 
 TESTS = Path(__file__).parent
 STEPS = 20
-TOL = 1e-4  # relative, fp32
+# Relative, fp32. The trainer's default recipe (Muon) amplifies the last-bit differences of sums taken in
+# another order across ranks: FSDP×2 with selective AC reached 1.2e-4 over 20 steps. The Muon layout
+# equivalence at 1e-4 on the optimizer itself is tests/test_recipe.py's.
+TOL = 2e-4
 
 
 def common_args(dataset, runs) -> list[str]:

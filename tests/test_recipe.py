@@ -105,7 +105,7 @@ def test_rotary_attention_depends_only_on_relative_positions():
 
 def test_kv_cache_generation_matches_uncached_forward_for_the_modern_family():
     torch.manual_seed(0)
-    model = GPT(modern())
+    model = GPT(modern(value_embeds=True))  # with its option that looks at the token ids
     with torch.no_grad():  # wake the zero-initialised projections so that every layer contributes
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -209,6 +209,11 @@ def _check_init(base, flipped):
     assert GPT(base.cfg).blocks["0"].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.1)
 
 
+def _check_value_embeds(base, flipped):
+    assert base.value_embeds is None and [n for n in _params(flipped) if n.startswith("value_embeds.")] == [
+        "value_embeds.1.weight"]  # 2 layers: the last one only
+
+
 # Each switch of the families: its value in the flipped model (the modern one, or a value that shows it),
 # and what proves it is applied beyond the forward pass giving other logits.
 # Options that shape the parameters only (at initialisation, or which exist), so that copied weights give
@@ -226,6 +231,7 @@ SWITCHES = {
     "bias": (False, _check_bias),
     "tie_embeddings": (False, _check_tie_embeddings),
     "init": ("fan_in", _check_init),
+    "value_embeds": (True, _check_value_embeds),
 }
 
 
@@ -241,12 +247,13 @@ def test_each_option_is_really_applied(option):
     check(base, flipped)
     if option not in PARAMETERS_ONLY:
         assert not torch.allclose(_logits(base), _logits(flipped), atol=1e-4), f"{option} changed nothing"
-    # and switching it back in the modern family changes the modern model too
-    back = FAMILIES["gpt2"][option]
+    # and switching it in the modern family changes the modern model too (back to GPT-2's value, or for an
+    # option the modern family leaves off, on)
+    other = FAMILIES["gpt2"][option] if FAMILIES["gpt2"][option] != FAMILIES["modern"][option] else value
     m_base = _perturbed(modern())
-    m_back = _perturbed(modern(**{option: back}), source=m_base)
+    m_other = _perturbed(modern(**{option: other}), source=m_base)
     if option not in PARAMETERS_ONLY:
-        assert not torch.allclose(_logits(m_base), _logits(m_back), atol=1e-4), f"{option} changed nothing"
+        assert not torch.allclose(_logits(m_base), _logits(m_other), atol=1e-4), f"{option} changed nothing"
 
 
 @pytest.mark.parametrize("chunk", [0, 5])
@@ -270,17 +277,19 @@ def test_soft_capped_loss_and_gradients_of_both_heads_agree(chunk):
 
 def test_flops_per_token_counts_matrices_only():
     d, L, T, V = 32, 2, 32, 97
-    rotary_untied = GPT(modern())
-    n = rotary_untied.num_parameters()
-    # no position parameter; the untied embedding is a lookup; the untied head is a matrix and counts
-    assert flops_per_token(rotary_untied.cfg, T, n) == 6 * (n - V * d) + 12 * L * d * T
-    matrices = sum(p.numel() for name, p in rotary_untied.named_parameters() if name != "tok_emb.weight")
-    assert flops_per_token(rotary_untied.cfg, T, n) == 6 * matrices + 12 * L * d * T
+    model = GPT(modern(value_embeds=True))
+    n = model.num_parameters()
+    # no position parameter; the untied token embedding and the value embedding (layer 1) are lookups; the
+    # untied head is a matrix and counts
+    assert flops_per_token(model.cfg, T, n) == 6 * (n - 2 * V * d) + 12 * L * d * T
+    matrices = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and "emb" not in name)
+    assert flops_per_token(model.cfg, T, n) == 6 * matrices + 12 * L * d * T
+    assert model.num_parameters(non_embedding=True) == matrices
 
 
 # ---------------------------------------------------------------------------------------------- Muon
 def test_muon_groups_cover_every_parameter_once():
-    model = GPT(modern(norm_weight=True, bias=True))
+    model = GPT(modern(norm_weight=True, bias=True, value_embeds=True))
     opt = build_optimizer(model, muon_config(), CPU)
     assert isinstance(opt, MuonAdamW) and isinstance(opt, torch.optim.Optimizer)
     names = {g["name"]: g for g in opt.param_groups}
@@ -288,7 +297,8 @@ def test_muon_groups_cover_every_parameter_once():
     assert all(p.dim() == 2 for g in opt.param_groups if g["kind"] == "muon" for p in g["params"])
     ids = [id(p) for g in opt.param_groups for p in g["params"]]
     assert len(ids) == len(set(ids)) and set(ids) == {id(p) for p in model.parameters()}
-    assert names["head"]["params"] == [model.lm_head.weight] and names["embed"]["params"] == [model.tok_emb.weight]
+    assert names["head"]["params"] == [model.lm_head.weight]
+    assert names["embed"]["params"] == [model.tok_emb.weight, model.value_embeds["1"].weight]
 
 
 def test_muon_update_is_orthogonal_per_qkv_block():
@@ -363,7 +373,7 @@ def test_modern_family_overfits_a_tiny_corpus():
 
 def _trained(optimizer: str, steps: int = 3, seed: int = 0):
     torch.manual_seed(seed)
-    model = GPT(modern(norm_weight=True, bias=True))  # every group kind present
+    model = GPT(modern(norm_weight=True, bias=True, value_embeds=True))  # every group kind present
     cfg = muon_config(optimizer=optimizer, weight_decay=0.1, muon_weight_decay=0.1)
     opt = build_optimizer(model, cfg, CPU)
     for step in range(steps):

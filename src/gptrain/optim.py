@@ -20,8 +20,8 @@ computed with a few Newton–Schulz iterations. Here:
   nanochat keep them apart): one orthogonalisation of the 3d × d stack would spread a single set of
   unit singular values over the three.
 - Newton–Schulz runs in bf16 on CUDA (its iteration tolerates it; the matrix products run at bf16
-  speed) and in fp32 elsewhere (CPU bf16 products are not faster, and fp32 keeps every layout's
-  result within rounding of one process).
+  speed) and in fp32 elsewhere (fp32 keeps every layout's result within rounding of one process; see
+  `newton_schulz_dtype`), unless --ns-precision says otherwise.
 - torch.optim.Muon is not used: its step works per local tensor (no whole-matrix orthogonalisation of
   a sharded parameter), orthogonalises in bf16 on every device, and has no skipped step.
 
@@ -37,13 +37,14 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch.optim.adam import adam as adam_update
+from torch.optim.adamw import adamw as adamw_update  # the functional form of torch.optim.AdamW's step
 
 from gptrain.errors import UserError
 from gptrain.settings import setting
 
 LR_SCHEDULES = ("cosine", "constant", "wsd", "linear")
 OPTIMIZERS = ("adamw", "muon")
+NS_PRECISIONS = ("auto", "fp32", "bf16")
 
 # The optimizer settings a model family trains with by default (config resolution applies them at the
 # family's level: a preset, TOML or the command line overrides them). The gpt2 family's are the dataclass
@@ -78,7 +79,7 @@ class OptimConfig:
     warmup_steps: int = setting(30, "linear warmup steps", ge=0)
     decay_fraction: float = setting(0.2, "wsd: fraction of steps spent decaying", ge=0, le=1)
     # --optimizer muon only
-    muon_lr: float = setting(0.04, "muon: peak learning rate of the blocks' matrices (× √(rows/cols) for tall "
+    muon_lr: float = setting(0.02, "muon: peak learning rate of the blocks' matrices (× √(rows/cols) for tall "
                              "ones)", gt=0)
     muon_momentum: float = setting(0.95, "muon: momentum (Nesterov) after its warm-up", ge=0, lt=1)
     muon_momentum_start: float = setting(0.85, "muon: momentum at step 0, rising linearly to --muon-momentum",
@@ -87,8 +88,11 @@ class OptimConfig:
                                               hint="(0: no warm-up)")
     muon_weight_decay: float = setting(0.0, "muon: decoupled weight decay of the matrices", ge=0)
     ns_steps: int = setting(5, "muon: Newton–Schulz iterations per orthogonalisation", ge=1, le=20)
-    embed_lr: float = setting(0.3, "muon: AdamW peak learning rate of the token and position embeddings, at "
-                              "d_model 768 (× √(768/d_model))", gt=0)
+    ns_precision: str = setting("auto", "muon: precision of the Newton–Schulz products (auto: bf16 on CUDA, fp32 on "
+                                "CPU, where every layout then matches one process to rounding)",
+                                choices=NS_PRECISIONS)
+    embed_lr: float = setting(0.3, "muon: AdamW peak learning rate of the token, position and value embeddings, "
+                              "at d_model 768 (× √(768/d_model))", gt=0)
     head_lr: float = setting(0.004, "muon: AdamW peak learning rate of the LM head (a tied embedding is the "
                              "head), at d_model 768 (× √(768/d_model))", gt=0)
     scalar_lr: float = setting(0.02, "muon: AdamW peak learning rate of norm gains and biases", gt=0)
@@ -149,7 +153,7 @@ def muon_param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
             by_name["qkv"].append(p)
         elif name.startswith("blocks."):
             by_name["matrices"].append(p)
-        else:  # tok_emb, pos_emb
+        else:  # tok_emb, pos_emb, value_embeds
             by_name["embed"].append(p)
     head_dim = model.cfg.head_dim
     specs = {
@@ -178,7 +182,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def __init__(self, groups: list[dict], *, betas: tuple[float, float], eps: float, fused: bool):
         defaults = dict(lr=0.0, betas=betas, eps=eps, weight_decay=0.0, momentum=0.95, nesterov=True,
-                        ns_steps=5, split=None, kind="adamw", name="", lr_scale=1.0)
+                        ns_steps=5, ns_dtype="auto", split=None, kind="adamw", name="", lr_scale=1.0)
         super().__init__(groups, defaults)
         for g in self.param_groups:
             if g["kind"] == "muon" and any(p.dim() != 2 for p in g["params"]):
@@ -223,11 +227,10 @@ class MuonAdamW(torch.optim.Optimizer):
                 return
             found_inf = None
         beta1, beta2 = group["betas"]
-        adam_update(
+        adamw_update(
             params, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=None if self.fused else True,
             fused=self.fused or None, grad_scale=grad_scale if self.fused else None,
-            found_inf=found_inf if self.fused else None, has_complex=False, decoupled_weight_decay=True,
-            amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+            found_inf=found_inf if self.fused else None, has_complex=False, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
             eps=group["eps"], maximize=False)
 
     def _muon_step(self, group: dict, found_inf, grad_scale) -> None:
@@ -244,7 +247,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 grad = grad / grad_scale.to(grad.dtype)
             new_buf = buf.lerp(grad, 1 - momentum)
             update = grad.lerp(new_buf, momentum) if group["nesterov"] else new_buf
-            ortho = orthogonalize(_gather_full(update, p), group["ns_steps"], group["split"])
+            ortho = orthogonalize(_gather_full(update, p), group["ns_steps"], group["split"], group["ns_dtype"])
             ortho = _local_shard_like(ortho.to(weight.dtype), p)
             rows, cols = _block_shape(p.shape, group["split"])
             step_lr = lr * math.sqrt(max(1.0, rows / cols))  # a tall matrix's unit update has a smaller RMS
@@ -264,32 +267,45 @@ class MuonAdamW(torch.optim.Optimizer):
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
-def orthogonalize(matrix: torch.Tensor, steps: int = 5, split: tuple[int, int] | None = None) -> torch.Tensor:
+def orthogonalize(matrix: torch.Tensor, steps: int = 5, split: tuple[int, int] | None = None,
+                  dtype: str = "auto") -> torch.Tensor:
     """The semi-orthogonal matrix nearest `matrix` (approximately: singular values near 1), by Newton–Schulz.
 
     split (parts, head_dim): the rows are (heads, parts, head_dim) head-major (the fused QKV weight); each
-    of the `parts` row blocks is orthogonalised as a matrix of its own.
+    of the `parts` row blocks is orthogonalised as a matrix of its own. dtype: an NS_PRECISIONS value.
     """
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(dtype) or newton_schulz_dtype(matrix.device)
     if split is not None:
         parts, head_dim = split
         cols = matrix.size(1)
         blocks = matrix.view(-1, parts, head_dim, cols).transpose(0, 1).reshape(parts, -1, cols)
-        out = _newton_schulz(blocks, steps)
+        out = _newton_schulz(blocks, steps, dt)
         return out.view(parts, -1, head_dim, cols).transpose(0, 1).reshape(matrix.shape)
-    return _newton_schulz(matrix, steps)
+    return _newton_schulz(matrix, steps, dt)
 
 
-def _newton_schulz(g: torch.Tensor, steps: int) -> torch.Tensor:
+def _newton_schulz(g: torch.Tensor, steps: int, dtype: torch.dtype) -> torch.Tensor:
     a, b, c = NS_COEFFICIENTS
-    x = g.to(torch.bfloat16 if g.device.type == "cuda" else torch.float32)
+    x = g.to(dtype)
     wide = x.size(-2) <= x.size(-1)
     if not wide:  # iterate on the smaller Gram matrix
         x = x.mT
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm ≤ Frobenius norm ≤ 1
     for _ in range(steps):
         gram = x @ x.mT
-        x = a * x + (b * gram + c * (gram @ gram)) @ x
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c) if x.dim() == 3 else \
+            torch.addmm(gram, gram, gram, beta=b, alpha=c)  # b·G + c·G², one kernel
+        x = torch.baddbmm(x, poly, x, beta=a) if x.dim() == 3 else torch.addmm(x, poly, x, beta=a)
     return x if wide else x.mT
+
+
+def newton_schulz_dtype(device: torch.device) -> torch.dtype:
+    """ns_precision "auto": bf16 on CUDA (the products run at bf16 speed and the iteration tolerates it);
+    fp32 elsewhere. On a CPU with native bf16 products (AVX512-BF16, AMX) bf16 is faster (the tiny
+    model's Muon step: 36 against 62 ms, 2 cores), but rounding the gathered matrix to bf16 turns the
+    last-bit differences between layouts into differences of 1e-5 to 1e-4 in the loss after 20 steps,
+    against 2e-7 in fp32; --ns-precision bf16 chooses speed."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def _block_shape(shape: torch.Size, split: tuple[int, int] | None) -> tuple[int, int]:
@@ -374,6 +390,7 @@ def _set_group(group: dict, cfg: OptimConfig, factor: float, step: int) -> None:
         group["momentum"] = muon_momentum_at(step, cfg)
         group["weight_decay"] = cfg.muon_weight_decay
         group["ns_steps"] = cfg.ns_steps
+        group["ns_dtype"] = cfg.ns_precision
     else:
         group["weight_decay"] = cfg.weight_decay if group["name"] in ("embed", "head") else 0.0
 

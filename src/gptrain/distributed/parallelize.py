@@ -95,7 +95,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
     # are padded columns, as the copy costs a pass over all B·T·V logits every micro-step.
     if model.cfg.padded_vocab_size > model.cfg.vocab_size:
         model.lm_head.register_forward_hook(lambda mod, args, out: out.clone())
-    for module in (model.pos_emb, model.emb_norm, model.smear, model.ln_f):
+    for module in (model.pos_emb, model.emb_norm, model.ln_f):
         _replicate_params(module, tp_mesh)
 
 
