@@ -17,7 +17,8 @@ slows them all alike. Only the steps are timed (evaluations are not).
    val loss against training seconds and against tokens.
 
 `--ablations` adds the current default with each of its options switched back to GPT-2's value, one at
-a time (and with AdamW in place of Muon): what each option is worth at this budget.
+a time (and with AdamW in place of Muon), and with each option that both families leave off switched on
+(value embeddings): what each option is worth at this budget.
 
 Training goes through the library's own parts (gptrain.model, gptrain.optim, gptrain.data.loader,
 gptrain.evaluate), not the `gptrain train` command, so that steps can be interleaved; the recipes are the
@@ -61,6 +62,8 @@ def contenders(ablations: bool) -> list[Contender]:
         for option, value in FAMILIES["gpt2"].items():
             if FAMILIES["modern"][option] != value:
                 out.append(Contender(f"default, {option}={value}", "modern", {option: value}))
+            elif isinstance(value, bool):  # an option both families leave off (value embeddings): on
+                out.append(Contender(f"default, {option}={not value}", "modern", {option: not value}))
         # AdamW in place of Muon, with the gpt2 family's AdamW settings
         out.append(Contender("default, optimizer=adamw", "modern",
                              optim_overrides={**{k: getattr(OptimConfig(), k) for k in optim_settings_for("modern")}}))
@@ -146,20 +149,16 @@ def main() -> None:
     bytes_per_token = eval_bytes_per_token(val_tokens, load_dataset_tokenizer(data_dir), seq_len, args.eval_tokens)
 
     # 1. calibrate (compilation and first-step costs fall in the warm-up steps, which are not counted)
-    if args.steps:
+    warm, timed = (3, 12)
+    for i in range(warm + timed):
         for r in runs:
-            r.num_steps = args.steps
-    else:
-        warm, timed = (3, 12)
-        for i in range(warm + timed):
-            for r in runs:
-                dt = r.train_step(warm + timed)
-                if i >= warm:
-                    r.step_times.append(dt)
-        for r in runs:
-            r.num_steps = max(1, int(args.seconds / statistics.median(r.step_times)))
-            r.reset()
-        print("calibrated: " + ", ".join(f"{r.c.name} {statistics.median(r.step_times) * 1e3:.0f} ms/step → "
+            dt = r.train_step(warm + timed)
+            if i >= warm:
+                r.step_times.append(dt)
+    for r in runs:
+        r.num_steps = args.steps or max(1, int(args.seconds / statistics.median(r.step_times)))
+        r.reset()
+    print("calibrated: " + ", ".join(f"{r.c.name} {statistics.median(r.step_times) * 1e3:.0f} ms/step → "
                                           f"{r.num_steps} steps" for r in runs), flush=True)
 
     # 2. race: round-robin steps; evaluations at the same token counts for everyone

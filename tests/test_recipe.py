@@ -333,10 +333,13 @@ def test_muon_update_is_orthogonal_per_qkv_block():
     assert s_fc.min() > 0.6 and s_fc.max() < 1.25, s_fc
 
 
-def test_orthogonalize_lifts_every_singular_value_towards_one():
+@pytest.mark.parametrize("precision", ["auto", "bf16"])
+def test_orthogonalize_lifts_every_singular_value_towards_one(precision):
     torch.manual_seed(0)
     for shape in [(64, 192), (192, 64)]:
-        s = torch.linalg.svdvals(orthogonalize(torch.randn(*shape)))
+        out = orthogonalize(torch.randn(*shape), dtype=precision)
+        assert out.dtype == (torch.float32 if precision == "auto" else torch.bfloat16)  # auto: fp32 on CPU
+        s = torch.linalg.svdvals(out.float())
         assert s.min() > 0.6 and s.max() < 1.25
 
 
