@@ -12,12 +12,12 @@ import sys
 from pathlib import Path
 
 
-def format_duration(seconds: float) -> str:
-    """0:07, 12:34, 1:02:03: wall times and ETAs as people read them."""
+def format_duration(seconds: float, hours: bool = False) -> str:
+    """0:07, 12:34, 1:02:03 (`hours`: always h:mm:ss, for columns): wall times and ETAs as people read them."""
     seconds = int(max(0, seconds))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+    return f"{h}:{m:02d}:{s:02d}" if h or hours else f"{m}:{s:02d}"
 
 
 class RunConsole:

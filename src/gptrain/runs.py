@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gptrain.console import format_duration
 from gptrain.errors import UserError
 from gptrain.run_folder import RUN_RECORDS, read_run_record
 from gptrain.tracking.jsonl import METRICS_FILE, damaged_lines_note, history_of, read_jsonl
@@ -226,12 +227,7 @@ def _fmt_count(n: float | None) -> str:
 
 
 def _fmt_time(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(seconds)
-    h, rem = divmod(s, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}"
+    return "-" if seconds is None else format_duration(seconds, hours=True)
 
 
 def format_table(summaries: list[RunSummary]) -> str:
