@@ -53,6 +53,7 @@ from gptrain.data.tokenizer import (
 from gptrain.errors import UserError
 from gptrain.jsonio import fsync_path
 from gptrain.model import ModelConfig
+from gptrain.processes import process_alive
 
 EXPORT_FORMAT = "gptrain-hf-export"
 EXPORT_VERSION = 1
@@ -669,22 +670,12 @@ def _remove_leftovers(out_dir: Path) -> None:
                 pid = int(p.name.rsplit("-", 1)[1])
             except ValueError:
                 continue
-            if pid != os.getpid() and _process_alive(pid):
+            if pid != os.getpid() and process_alive(pid):
                 continue
             if kind == "old" and not out_dir.exists():
                 os.replace(p, out_dir)
             else:
                 shutil.rmtree(p, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, not ours to signal
-        return True
-    return True
 
 
 def _replace_dir(tmp: Path, out_dir: Path) -> None:

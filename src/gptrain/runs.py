@@ -23,6 +23,7 @@ from typing import Any
 
 from gptrain.console import format_duration
 from gptrain.errors import UserError
+from gptrain.processes import process_alive
 from gptrain.run_folder import RUN_RECORDS, read_run_record
 from gptrain.tracking.jsonl import METRICS_FILE, damaged_lines_note, history_of, read_jsonl
 
@@ -68,13 +69,7 @@ def _alive(info: dict[str, Any]) -> bool | None:
     pid, host = info.get("pid"), info.get("host")
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or host != socket.gethostname():
         return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return process_alive(pid)
 
 
 @dataclass

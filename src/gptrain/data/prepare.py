@@ -64,6 +64,7 @@ from gptrain.data.tokenizer import (
     tokenizer_meta,
 )
 from gptrain.errors import UserError
+from gptrain.processes import process_alive
 from gptrain.settings import check_all, declaration, flags_of, setting
 
 MAX_VAL_SHARE = 0.1  # the min_val_tokens top-up never makes val more than this share of all tokens
@@ -588,20 +589,10 @@ def remove_stale_temp_dirs(out_dir: Path) -> list[Path]:
     removed = []
     for path in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
         pid = path.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
-        if pid.isdigit() and not _process_alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _make_temp_dir(out_dir: Path) -> str:
