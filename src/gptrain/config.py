@@ -389,7 +389,7 @@ def check_profiler_fits(pr: ProfileConfig, steps: int, steps_are: str, fix: str)
 
 # The model settings that define the shape of the weights: changing one on resume is an error.
 SHAPE_KEYS = ("vocab_size", "max_position_embeddings", "n_layers", "n_heads", "d_model", "d_ff", "bias",
-              "tie_embeddings", "pad_vocab_multiple")
+              "tie_embeddings", "pad_vocab_multiple", "pos_embedding", "norm_weight", "value_embeds")
 
 
 # ---------------------------------------------------------------------------------------- README

@@ -45,7 +45,9 @@ def gpu_peak_flops(device: torch.device, precision: str) -> float | None:
 # 6·N + 12·n_layers·d_model·T (N = parameters except the position embedding, a tied embedding
 # once; attention over the full context T, as PaLM and nanoGPT count it), times tokens/s, over the
 # peak: the GPU's dense spec peak by exact name, or on CPU the measured matrix-product peak.
-MFU_FORMULA = "mfu = (6*N + 12*n_layers*d_model*T) * tokens_per_sec / (peak_flops * world_size)"
+# N: the parameters that multiply activations (not the lookups: position table, value embeddings, an untied
+# token embedding); gptrain.model.flops_per_token.
+MFU_FORMULA = "mfu = (6*N_matmul + 12*n_layers*d_model*T) * tokens_per_sec / (peak_flops * world_size)"
 _measured: dict[tuple, float] = {}
 
 

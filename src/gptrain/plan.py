@@ -113,6 +113,10 @@ def settings_to_run(cfg: Config, explicit: set[str], resume: ckpt_lib.Checkpoint
     for path in sorted(explicit):
         section, key = path.split(".", 1)
         new_value = cfg.get(path)
+        if path == "optim.optimizer" and new_value != saved.optim.optimizer:
+            raise UserError(f"--resume: the checkpoint {resume.path} was trained with --optimizer "
+                            f"{saved.optim.optimizer}; its optimizer state does not fit {new_value}. Drop --optimizer, "
+                            "or start a new run.")
         if section == "model" and key in SHAPE_KEYS + ("family",) and new_value != saved.get(path):
             raise UserError(f"--resume: the checkpoint {resume.path} has model.{key} = {saved.get(path)}, but "
                             f"{new_value} was asked for. A resumed run keeps its model shape: drop that setting, "
