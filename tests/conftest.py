@@ -82,3 +82,19 @@ def fast_overrides(dataset, runs_dir, **extra):
     }
     o.update(extra)
     return o
+
+
+@pytest.fixture
+def private_hf_home(tmp_path_factory):
+    """transformers copies the remote code of the folders it loads (GptrainForCausalLM's) under
+    HF_HOME/modules, a path it reads once at import: a folder of this test session instead of ~/.cache, the
+    same one for every test (transformers imports its package of remote modules once, from the first); the
+    environment is restored after each test."""
+    import transformers.dynamic_module_utils as dynamic_modules
+
+    home = tmp_path_factory.getbasetemp() / "hf_home"
+    with pytest.MonkeyPatch.context() as mp:  # its own: a test's monkeypatch.undo() leaves it in place
+        mp.setenv("HF_HOME", str(home))
+        mp.setenv("HF_MODULES_CACHE", str(home / "modules"))
+        mp.setattr(dynamic_modules, "HF_MODULES_CACHE", str(home / "modules"))
+        yield home

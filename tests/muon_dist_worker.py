@@ -37,8 +37,10 @@ def model_config() -> ModelConfig:
 
 def optim_config() -> OptimConfig:
     # Momentum warm-up and the schedule's decay both inside the 20 steps, and weight decay on: every part runs.
+    # Newton–Schulz in fp32: layouts then agree to rounding, which is what this checks (bf16, the default on
+    # a CPU with native bf16, rounds their last-bit differences up to ~5e-5).
     return OptimConfig(**{**optim_settings_for("modern"), "muon_momentum_warmup_steps": 10,
-                          "muon_weight_decay": 0.1, "weight_decay": 0.01})
+                          "muon_weight_decay": 0.1, "weight_decay": 0.01, "ns_precision": "fp32"})
 
 
 def batch(step: int) -> torch.Tensor:

@@ -35,7 +35,8 @@ TESTS = Path(__file__).parent
 STEPS = 20
 # Relative, fp32. The trainer's default recipe (Muon) amplifies the last-bit differences of sums taken in
 # another order across ranks: FSDP×2 with selective AC reached 1.2e-4 over 20 steps. The Muon layout
-# equivalence at 1e-4 on the optimizer itself is tests/test_recipe.py's.
+# equivalence at 1e-4 on the optimizer itself is tests/test_recipe.py's. Newton–Schulz runs in fp32 here (bf16,
+# the default on a CPU with native bf16, rounds those last-bit differences up further).
 TOL = 2e-4
 
 
@@ -43,7 +44,8 @@ def common_args(dataset, runs) -> list[str]:
     return ["--data", str(dataset), "--runs-dir", str(runs), "--n-layers", "2", "--n-heads", "2", "--d-model", "32",
             "--max-position-embeddings", "32", "--batch-size", "4", "--global-batch-size", "16",
             "--num-steps", str(STEPS), "--log-every", "1", "--eval-every", "10", "--eval-tokens", "640",
-            "--warmup-steps", "2", "--save-every", "10", "--sample-tokens", "0", "--progress", "plain"]
+            "--warmup-steps", "2", "--save-every", "10", "--sample-tokens", "0", "--progress", "plain",
+            "--ns-precision", "fp32"]
 
 
 def torchrun(nproc: int, args: list[str], script: str | None = None, timeout: float = 240, env=None,
@@ -81,7 +83,8 @@ def runs(byte_dataset, tmp_path_factory):
     root = tmp_path_factory.mktemp("dist_runs")
     cfg, explicit = build_config(fast_overrides(byte_dataset, root, **{
         "train.run_name": "single", "train.num_steps": STEPS, "train.log_every": 1, "train.eval_every": 10,
-        "train.eval_tokens": 640, "train.save_every": 10, "train.sample_tokens": 0, "train.global_batch_size": 16}))
+        "train.eval_tokens": 640, "train.save_every": 10, "train.sample_tokens": 0, "train.global_batch_size": 16,
+        "optim.ns_precision": "fp32"}))  # as common_args
     train(cfg, explicit)
     results = {"root": root, "single": root / "single", "procs": {}}
     for name, (nproc, extra) in LAYOUTS.items():
@@ -145,10 +148,12 @@ def test_sharded_checkpoints_are_complete_and_exported(runs):
     sharded = C.read_checkpoint(mid).load_model_state()
     plain = C.read_checkpoint(runs["single"] / "checkpoints" / "step_0000010").load_model_state()
     assert sharded.keys() == plain.keys()
-    worst = max((sharded[k] - plain[k]).abs().max().item() for k in plain)
-    # fp32 sums in another order under FSDP, and Muon's Newton–Schulz iterations (the default recipe) amplify
-    # last-bit differences: 10 steps leave the weights within ~2e-5 of each other (~1e-4 of their size).
-    assert worst < 1e-4
+    # Relative to each tensor's size: fp32 sums in another order under FSDP, amplified by the default recipe
+    # (Muon, and AdamW at a high rate on value embeddings whose gradients are small early): after 10 steps the
+    # value embeddings differed by 1.1e-4 of their size, the projections by 7e-5 (a misplaced shard: order 1).
+    rel = {k: ((sharded[k] - plain[k]).abs().max() / plain[k].abs().max().clamp(min=1e-12)).item() for k in plain}
+    print("largest relative weight differences:", sorted(rel.items(), key=lambda kv: -kv[1])[:4])
+    assert max(rel.values()) < 5e-4
     exported = torch.load(final / "model.pt", weights_only=True)
     assert exported.keys() == plain.keys()
     # `gptrain eval` works on the multi-process run folder and agrees with the single-process run.

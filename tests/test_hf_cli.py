@@ -12,6 +12,10 @@ from gptrain.cli import main
 
 pytest.importorskip("transformers")
 
+
+pytestmark = pytest.mark.usefixtures("private_hf_home")  # conftest: remote code under tmp
+
+
 TINY = ["--n-layers", "2", "--n-heads", "2", "--d-model", "32", "--max-position-embeddings", "32",
         "--batch-size", "4", "--eval-tokens", "256", "--progress", "plain", "--sample-tokens", "0"]
 
@@ -35,12 +39,14 @@ def test_export_command_writes_a_folder_transformers_loads(trained, tmp_path, ca
     run, at_end = trained
     out = tmp_path / "hf"
     assert cli("export", run, "--out", out) == 0
-    assert "NanoChatForCausalLM" in capsys.readouterr().out  # the default (modern) family's class
-    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    # The default model has value embeddings, which no standard transformers class computes: gptrain's own
+    # class, as remote code in the folder.
+    assert "GptrainForCausalLM" in capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     tok = AutoTokenizer.from_pretrained(out)
     assert tok("def ", add_special_tokens=False)["input_ids"] == list(b"def ")  # the byte tokenizer
     # --export-hf wrote the same weights at the end of training
-    again = AutoModelForCausalLM.from_pretrained(at_end).eval()
+    again = AutoModelForCausalLM.from_pretrained(at_end, trust_remote_code=True).eval()
     ids = torch.randint(0, 256, (1, 16))
     assert torch.equal(model(ids).logits, again(ids).logits)
 
@@ -60,7 +66,7 @@ def test_init_from_starts_from_the_folders_weights(trained, byte_dataset, tmp_pa
     _, state, _ = load_hf_model(hf)
     for name, value in trainer.raw_model.state_dict().items():
         assert torch.equal(value, state[name]), name
-    assert trainer.cfg.model.n_layers == 2 and trainer.cfg.model.family == "modern"
+    assert trainer.cfg.model.n_layers == 2 and trainer.cfg.model.family == "modern" and trainer.cfg.model.value_embeds
     assert trainer.fit().status == "finished"
     # A shape given that the folder does not have is refused by name.
     cfg, explicit = build_config({"train.init_from": str(hf), "data.dataset": str(byte_dataset), "model.n_layers": 3,

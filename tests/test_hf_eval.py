@@ -2,7 +2,8 @@
 
 The task's answers are chosen from transformers' own log-likelihoods (the most likely choice for half the
 questions, the least likely for the others), so the accuracy lm-eval must report is exactly 0.5, and its
-per-choice log-likelihoods must equal the ones computed here.
+per-choice log-likelihoods (computed in padded batches) must equal the ones computed here one by one. The
+model is the default family's (value embeddings): GptrainForCausalLM, gptrain's own remote code.
 """
 
 from __future__ import annotations
@@ -21,16 +22,22 @@ from gptrain.errors import UserError
 QUESTIONS = 6
 
 
+pytestmark = pytest.mark.usefixtures("private_hf_home")  # conftest: remote code under tmp
+
+
+
 def write_run(tmp_path):
     """A gptrain checkpoint of a small random model with a BPE tokenizer (no trainer involved)."""
     from gptrain.checkpoint import save_checkpoint
     from gptrain.data.tokenizer import tokenizer_meta, train_bpe
-    from gptrain.model import GPT, ModelConfig
+    from gptrain.model import DEFAULT_FAMILY, GPT, ModelConfig, model_settings_for
 
     rng = random.Random(0)
     tok = train_bpe([" ".join(rng.choice(WORDS) for _ in range(40)) for _ in range(200)], 300)
     torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=tok.vocab_size, max_position_embeddings=64, n_layers=2, n_heads=2, d_model=32))
+    model = GPT(ModelConfig(**{**model_settings_for("tiny", DEFAULT_FAMILY), "vocab_size": tok.vocab_size,
+                               "max_position_embeddings": 64, "n_layers": 2, "n_heads": 2, "d_model": 32}))
+    assert model.cfg.value_embeds
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.2)  # a model with opinions: choices far apart in likelihood
@@ -45,7 +52,7 @@ def transformers_loglikelihoods(folder, docs) -> list[list[float]]:
     continuation's tokens are those of question + continuation after the question's own tokens."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=True).eval()
     tok = AutoTokenizer.from_pretrained(folder)
     out = []
     for doc in docs:
@@ -94,6 +101,7 @@ def test_lm_eval_scores_a_local_task_as_transformers_log_likelihoods_say(tmp_pat
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     run = write_run(tmp_path)
     folder = export_hf(run, tmp_path / "hf")
+    assert json.loads((folder / "config.json").read_text())["architectures"] == ["GptrainForCausalLM"]
     rng = random.Random(1)
     docs = [{"question": " ".join(rng.choice(WORDS) for _ in range(5)),
              "choices": [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 3))) for _ in range(3)]}
@@ -136,3 +144,24 @@ def test_unknown_tasks_are_refused(tmp_path):
     (tmp_path / "t.yaml").write_text("task: mine\ndataset_path: json\n")
     assert resolve_tasks([str(tmp_path / "t.yaml"), "hellaswag"]) == (["mine", "hellaswag"], [str(tmp_path)])
     # (an unknown task name is refused the same way, after lm-eval indexed its built-in tasks: 14 s, not run here)
+
+
+def test_only_gptrain_s_own_remote_code_is_trusted(tmp_path):
+    from gptrain.data.tokenizer import ByteTokenizer
+    from gptrain.export import runs_own_remote_code, save_hf
+    from gptrain.hf_eval import _needs_own_remote_code
+    from gptrain.model import GPT, ModelConfig
+
+    tok = ByteTokenizer()
+    for name, value_embeds in (("gpt2", False), ("gptrain", True)):
+        cfg = ModelConfig(vocab_size=257, max_position_embeddings=16, n_layers=2, n_heads=2, d_model=16,
+                          value_embeds=value_embeds)
+        save_hf(cfg, GPT(cfg).state_dict(), tok, tmp_path / name)
+    assert runs_own_remote_code(tmp_path / "gpt2") is None and not _needs_own_remote_code(tmp_path / "gpt2")
+    assert runs_own_remote_code(tmp_path / "gptrain") is True and _needs_own_remote_code(tmp_path / "gptrain")
+    modeling = tmp_path / "gptrain" / "modeling_gptrain.py"
+    modeling.write_text(modeling.read_text() + "\nimport os  # anything\n")
+    assert runs_own_remote_code(tmp_path / "gptrain") is False
+    with pytest.raises(UserError, match=r"holds remote code .* that is not this gptrain's own.*"
+                                        r"--model_args pretrained=.*,trust_remote_code=True"):
+        _needs_own_remote_code(tmp_path / "gptrain")

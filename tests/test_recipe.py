@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from gptrain import optim
 from gptrain.distributed.checkpointing import full_state, load_full_state
 from gptrain.generate import generate
 from gptrain.model import (
@@ -333,14 +334,38 @@ def test_muon_update_is_orthogonal_per_qkv_block():
     assert s_fc.min() > 0.6 and s_fc.max() < 1.25, s_fc
 
 
-@pytest.mark.parametrize("precision", ["auto", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "auto"])
 def test_orthogonalize_lifts_every_singular_value_towards_one(precision):
     torch.manual_seed(0)
+    native = optim.cpu_has_native_bf16()
     for shape in [(64, 192), (192, 64)]:
         out = orthogonalize(torch.randn(*shape), dtype=precision)
-        assert out.dtype == (torch.float32 if precision == "auto" else torch.bfloat16)  # auto: fp32 on CPU
+        wanted = torch.bfloat16 if precision == "bf16" or (precision == "auto" and native) else torch.float32
+        assert out.dtype == wanted
         s = torch.linalg.svdvals(out.float())
         assert s.min() > 0.6 and s.max() < 1.25
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_multiplies_it_natively(monkeypatch):
+    monkeypatch.setattr(optim, "cpu_has_native_bf16", lambda: False)
+    assert optim.newton_schulz_dtype(torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(optim, "cpu_has_native_bf16", lambda: True)
+    assert optim.newton_schulz_dtype(torch.device("cpu")) == torch.bfloat16
+
+
+def test_batched_orthogonalisation_equals_one_matrix_at_a_time():
+    """The optimizer orthogonalises all matrices of a shape in one batch (tall ones transposed, QKV split into
+    its blocks): each result must be what that matrix alone gives."""
+    torch.manual_seed(0)
+    jobs = [(torch.randn(96, 32), (3, 8), 5, "fp32"), (torch.randn(32, 32), None, 5, "fp32"),
+            (torch.randn(128, 32), None, 5, "fp32"), (torch.randn(32, 128), None, 5, "fp32"),
+            (torch.randn(32, 128), None, 3, "fp32"), (torch.randn(96, 32), (3, 8), 5, "fp32")]
+    batched = optim.orthogonalize_all(jobs)
+    for (matrix, split, steps, dtype), out in zip(jobs, batched, strict=True):
+        alone = orthogonalize(matrix, steps, split, dtype)
+        assert out.shape == matrix.shape
+        torch.testing.assert_close(out, alone, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(batched[3], batched[4])  # 3 steps are not 5: batches keep their own settings
 
 
 def test_muon_momentum_warms_up_and_every_group_follows_the_schedule():
@@ -395,9 +420,9 @@ def _train_step(model, opt, cfg, step):
 
 def _snapshot(model, opt) -> dict:
     state = {f"param/{n}": p.detach().clone() for n, p in model.named_parameters()}
-    for i, s in enumerate(opt.state.values()):
-        for k, v in s.items():
-            state[f"state/{i}/{k}"] = v.clone() if torch.is_tensor(v) else v
+    for n, p in model.named_parameters():
+        for k, v in opt.state[p].items():
+            state[f"state/{n}/{k}"] = v.clone() if torch.is_tensor(v) else v
     return state
 
 

@@ -370,8 +370,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from gptrain.export import export_hf
 
     out = export_hf(args.path, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
-    arch = ", ".join(json.loads((out / "config.json").read_text()).get("architectures", []))
-    print(f"exported {args.path} → {out} ({arch})")
+    config = json.loads((out / "config.json").read_text())
+    arch = ", ".join(config.get("architectures", []))
+    remote = " — load with trust_remote_code=True" if "auto_map" in config else ""
+    print(f"exported {args.path} → {out} ({arch}{remote})")
     return 0
 
 

@@ -87,7 +87,7 @@ class TrainConfig:
     checkpoint_dir: str | None = setting(None, "where checkpoints go", flags=("--checkpoint-path", "--checkpoint-dir"),
                                          default_text="runs/<name>/checkpoints")
     init_from: str | None = setting(None, "start from the weights, shape and tokenizer of a transformers folder "
-                                    "(GPT-2 or NanoChat: a downloaded gpt2, or a gptrain export)", metavar="HF_DIR")
+                                    "(GPT-2 or NanoChat, e.g. a downloaded gpt2, or any gptrain export)", metavar="HF_DIR")
     export_hf: str | None = setting(None, "at the end of training, also export the final model as a transformers "
                                     "folder here (gptrain export)", metavar="DIR")
     # Set by --resume [PATH] (cli.py: its value is optional, which no declared flag has).

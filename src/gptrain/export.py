@@ -11,14 +11,17 @@ model.safetensors.index.json above `max_shard_size`), generation_config.json, to
 tokenizer_config.json; plus gptrain.json, gptrain's own record (where the weights came from, the exact
 gptrain tokenizer and model settings) that makes export → import → export lossless.
 
-Model families. Each family gptrain trains has one `Family`: the ModelConfig option values it covers,
-its transformers architecture, and two pure functions that rename and reshape tensors both ways. The
-gpt2 family maps onto `GPT2LMHeadModel`, the modern family (rotary, RMSNorm, QK-norm, relu², soft-cap)
-onto `NanoChatForCausalLM`: both standard transformers classes that compute exactly what gptrain
-computes, so no remote code is needed. A mix of options no transformers class computes (e.g. gpt2 with
-QK-norm) is refused by name; supporting it would mean one more Family whose `to_hf` also returns a
-self-contained modeling file, written into the folder with an `auto_map` entry in config.json and
-loaded with `trust_remote_code=True`.
+Model families. Each mapping is one `Family`: the ModelConfig option values it covers, its transformers
+architecture, and two pure functions that rename and reshape tensors both ways. They are tried in order,
+and the first that computes the model exactly is used:
+- the gpt2 family → `GPT2LMHeadModel`, the modern family without value embeddings (rotary, RMSNorm,
+  QK-norm, relu², soft-cap) → `NanoChatForCausalLM`: standard transformers classes, no remote code;
+- anything else (value embeddings, as in today's default model; gpt2 with QK-norm; rotary with LayerNorm …)
+  → `GptrainForCausalLM`, gptrain's own architecture as transformers remote code (gptrain.hf_remote):
+  configuration_gptrain.py and modeling_gptrain.py are written into the folder, config.json's `auto_map`
+  names them, and transformers loads it with `trust_remote_code=True`. Its weights keep gptrain's names
+  and layouts (under `model.`), so every option mix exports exactly.
+A ModelConfig setting no mapping knows (one added to model.py later) is refused by name.
 
 Tokenizers. Every gptrain tokenizer is written as a `tokenizers` tokenizer.json that gives the same
 ids: bpe:N and hf:… as they are; `byte` as a byte-level BPE with no merges (the 256 byte symbols as
@@ -51,8 +54,10 @@ from gptrain.data.tokenizer import (
     tokenizer_meta,
 )
 from gptrain.errors import UserError
+from gptrain.hf_remote import CODE_FILES
 from gptrain.jsonio import fsync_path
-from gptrain.model import ModelConfig
+from gptrain.model import FAMILIES as MODEL_FAMILIES
+from gptrain.model import MLP_ACTIVATIONS, NORMS, POS_EMBEDDINGS, ModelConfig, value_embed_layers
 from gptrain.processes import process_alive
 
 EXPORT_FORMAT = "gptrain-hf-export"
@@ -69,6 +74,11 @@ HF_EXTRA = "pip install 'gptrain[hf]'"
 # ================================================================================ families
 
 
+SHAPE = frozenset({"vocab_size", "max_position_embeddings", "n_layers", "n_heads", "d_model", "d_ff"})
+# How a model is initialised, trained or stored, not the function it computes.
+TRAINING_ONLY = frozenset({"family", "init", "zero_init_proj", "dropout", "pad_vocab_multiple"})
+
+
 @dataclass(frozen=True)
 class Family:
     """One model family's mapping between gptrain's state dict and a transformers folder.
@@ -79,7 +89,7 @@ class Family:
     must keep its default to be exported.
     """
 
-    name: str  # a gptrain model family (model.FAMILIES) whose defaults this mapping computes
+    name: str  # the mapping's name in gptrain.json (gpt2, modern: the gptrain family it computes)
     architecture: str  # the transformers class in config.json's "architectures"
     model_type: str  # config.json "model_type"
     reads: tuple[str, ...]  # the transformers classes whose weights from_hf reads
@@ -87,6 +97,11 @@ class Family:
     free: frozenset[str]
     to_hf: Callable[[ModelConfig, dict[str, torch.Tensor], Tokenizer], tuple[dict, dict[str, torch.Tensor]]]
     from_hf: Callable[[dict, dict[str, torch.Tensor], Path], tuple[ModelConfig, dict[str, torch.Tensor]]]
+    # The ModelConfig settings config.json holds exactly: on import they win over gptrain.json's record,
+    # which restores the others (biases and gains a standard class cannot leave out, initialisation …).
+    holds: frozenset[str] = SHAPE | {"tie_embeddings"}
+    # Files of gptrain.hf_remote written into the folder: the remote code config.json's auto_map names.
+    code_files: tuple[str, ...] = ()
 
     def refusals(self, cfg: ModelConfig) -> list[str]:
         """The settings of `cfg` this mapping cannot express ([]: it computes exactly what gptrain does)."""
@@ -98,11 +113,6 @@ class Family:
             if not known and getattr(cfg, f.name) != getattr(defaults, f.name):
                 out.append(f"{f.name}={getattr(cfg, f.name)!r}")
         return out
-
-
-SHAPE = frozenset({"vocab_size", "max_position_embeddings", "n_layers", "n_heads", "d_model", "d_ff"})
-# How a model is initialised, trained or stored, not the function it computes.
-TRAINING_ONLY = frozenset({"family", "init", "zero_init_proj", "dropout", "pad_vocab_multiple"})
 
 
 def _padded_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -136,11 +146,8 @@ def _gpt_state_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
 
 
 def _family_options(name: str) -> dict[str, Any]:
-    """The option values of a gptrain model family (model.FAMILIES), where model.py has families."""
-    import gptrain.model as model_lib
-
-    families = getattr(model_lib, "FAMILIES", {})
-    return {**families.get(name, {}), "family": name} if name in families else {}
+    """The option values of a gptrain model family (model.FAMILIES), with its name."""
+    return {**MODEL_FAMILIES[name], "family": name}
 
 
 def _config_tokens(tok: Tokenizer) -> dict[str, int]:
@@ -249,7 +256,8 @@ def _gpt2_from_hf(config: dict, tensors: dict[str, torch.Tensor], where: Path) -
                          "max_position_embeddings": int(config.get("n_positions", 1024)),
                          "n_layers": int(config.get("n_layer", 12)), "n_heads": int(config.get("n_head", 12)),
                          "d_model": d_model, "d_ff": int(config.get("n_inner") or 4 * d_model),
-                         "bias": True, "tie_embeddings": bool(config.get("tie_word_embeddings", True))})
+                         "bias": True, "value_embeds": False,
+                         "tie_embeddings": bool(config.get("tie_word_embeddings", True))})
     # Weights saved by transformers' GPT2LMHeadModel are named transformer.*; by GPT2Model (and the original
     # gpt2 upload) without the prefix. The causal-mask buffers of old checkpoints are not weights.
     named = {}
@@ -285,7 +293,7 @@ def _gpt2_from_hf(config: dict, tensors: dict[str, torch.Tensor], where: Path) -
 GPT2 = Family(
     name="gpt2", architecture="GPT2LMHeadModel", model_type="gpt2", reads=("GPT2LMHeadModel", "GPT2Model"),
     requires={"pos_embedding": "learned", "norm": "layernorm", "embed_norm": False, "qk_norm": False,
-              "mlp_activation": "gelu", "logit_softcap": 0.0},
+              "mlp_activation": "gelu", "logit_softcap": 0.0, "value_embeds": False},
     free=frozenset({"bias", "tie_embeddings", "norm_weight", "rope_base"}),
     to_hf=_gpt2_to_hf, from_hf=_gpt2_from_hf)
 
@@ -361,7 +369,7 @@ def _nanochat_from_hf(config: dict, tensors: dict[str, torch.Tensor], where: Pat
                          "n_layers": int(config.get("num_hidden_layers", 12)), "n_heads": H, "d_model": D,
                          "d_ff": int(config.get("intermediate_size", 4 * D)),
                          "pos_embedding": "rotary", "norm": "rmsnorm", "norm_weight": False, "embed_norm": True,
-                         "qk_norm": True, "mlp_activation": "relu2", "bias": False,
+                         "qk_norm": True, "mlp_activation": "relu2", "bias": False, "value_embeds": False,
                          "rope_base": float(rope.get("rope_theta", 10000.0)), "logit_softcap": float(cap or 0.0),
                          "tie_embeddings": bool(config.get("tie_word_embeddings", False))})
     named = dict(tensors)
@@ -391,26 +399,111 @@ def _nanochat_from_hf(config: dict, tensors: dict[str, torch.Tensor], where: Pat
 NANOCHAT = Family(
     name="modern", architecture="NanoChatForCausalLM", model_type="nanochat", reads=("NanoChatForCausalLM",),
     requires={"pos_embedding": "rotary", "norm": "rmsnorm", "norm_weight": False, "embed_norm": True,
-              "qk_norm": True, "mlp_activation": "relu2", "bias": False},
+              "qk_norm": True, "mlp_activation": "relu2", "bias": False, "value_embeds": False},
     free=frozenset({"tie_embeddings", "logit_softcap", "rope_base"}),
     to_hf=_nanochat_to_hf, from_hf=_nanochat_from_hf)
 
-FAMILIES: tuple[Family, ...] = (GPT2, NANOCHAT)
+
+# --------------------------------------------------------------------------- any option mix → GptrainForCausalLM
+# gptrain's own architecture as transformers remote code (gptrain.hf_remote). Its weights are gptrain's state
+# dict under "model." (the head stays "lm_head"): nothing is transposed or permuted. Only the vocabulary is cut
+# back to the tokenizer's, as in the other families: the token embedding, an untied head and the value
+# embeddings lose their padding rows (never fed in, never predicted).
+REMOTE_CODE_VERSION = 1  # = configuration_gptrain.REMOTE_CODE_VERSION: the options this gptrain reads
+GPTRAIN_OPTIONS = {"pos_embedding": str, "rope_base": float, "norm": str, "norm_weight": bool, "embed_norm": bool,
+                   "qk_norm": bool, "mlp_activation": str, "logit_softcap": float, "bias": bool, "dropout": float}
+GPTRAIN_CHOICES = {"pos_embedding": POS_EMBEDDINGS, "norm": NORMS, "mlp_activation": MLP_ACTIVATIONS}
+
+
+def _has_vocab_rows(name: str) -> bool:
+    """A tensor with one row per token id."""
+    return name in ("tok_emb.weight", "lm_head.weight") or name.startswith("value_embeds.")
+
+
+def _gptrain_hf_names(cfg: ModelConfig) -> dict[str, str]:
+    """gptrain's state-dict names → the remote model's, for the tensors the folder holds (not a tied head)."""
+    return {k: k if k == "lm_head.weight" else f"model.{k}" for k in _gpt_state_shapes(cfg)
+            if not (cfg.tie_embeddings and k == "lm_head.weight")}
+
+
+def _gptrain_to_hf(cfg: ModelConfig, state: dict[str, torch.Tensor], tok: Tokenizer) -> tuple[dict, dict]:
+    V = cfg.vocab_size
+    out = {theirs: state[ours][:V] if _has_vocab_rows(ours) else state[ours]
+           for ours, theirs in _gptrain_hf_names(cfg).items()}
+    config = {
+        "architectures": ["GptrainForCausalLM"], "model_type": "gptrain",
+        "auto_map": {"AutoConfig": "configuration_gptrain.GptrainConfig",
+                     "AutoModelForCausalLM": "modeling_gptrain.GptrainForCausalLM"},
+        "remote_code_version": REMOTE_CODE_VERSION, "family": cfg.family,
+        "vocab_size": V, "max_position_embeddings": cfg.max_position_embeddings, "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "intermediate_size": cfg.d_ff,
+        **{k: kind(getattr(cfg, k)) for k, kind in GPTRAIN_OPTIONS.items()},
+        "value_embed_layers": value_embed_layers(cfg),
+        "tie_word_embeddings": cfg.tie_embeddings,
+        **_config_tokens(tok),
+    }
+    return config, out
+
+
+def _gptrain_from_hf(config: dict, tensors: dict[str, torch.Tensor], where: Path) -> tuple[ModelConfig, dict]:
+    defaults = ModelConfig()  # the gpt2 family's options: GptrainConfig's defaults
+    problems = []
+    version = config.get("remote_code_version", 1)
+    if not isinstance(version, int) or version > REMOTE_CODE_VERSION:
+        problems.append(f"remote_code_version={version!r} (this gptrain reads up to {REMOTE_CODE_VERSION}: "
+                        "update gptrain)")
+    options = {k: config.get(k, getattr(defaults, k)) for k in GPTRAIN_OPTIONS}
+    problems += [f"{k}={options[k]!r} (one of {', '.join(allowed)})" for k, allowed in GPTRAIN_CHOICES.items()
+                 if options[k] not in allowed]
+    D, H = int(config.get("hidden_size", 768)), int(config.get("num_attention_heads", 12))
+    if D % H or (options["pos_embedding"] == "rotary" and (D // H) % 2):
+        problems.append(f"hidden_size={D} with {H} heads (a whole head size, even with rotary positions)")
+    _refuse(problems, where, "GptrainForCausalLM", "the options of gptrain's own ModelConfig")
+    layers = [int(i) for i in config.get("value_embed_layers") or []]
+    family = config.get("family")
+    cfg = ModelConfig(**{**_family_options(family if family in MODEL_FAMILIES else defaults.family),
+                         "vocab_size": int(config.get("vocab_size", 50304)),
+                         "max_position_embeddings": int(config.get("max_position_embeddings", 1024)),
+                         "n_layers": int(config.get("num_hidden_layers", 12)), "n_heads": H, "d_model": D,
+                         "d_ff": int(config.get("intermediate_size") or 4 * D),
+                         **{k: kind(options[k]) for k, kind in GPTRAIN_OPTIONS.items()},
+                         "value_embeds": bool(layers), "tie_embeddings": bool(config.get("tie_word_embeddings", True))})
+    if layers and layers != value_embed_layers(cfg):
+        _refuse([f"value_embed_layers={layers} (gptrain gives value embeddings to layers {value_embed_layers(cfg)})"],
+                where, "GptrainForCausalLM", "value embeddings in every other layer, the last included")
+    names = _gptrain_hf_names(cfg)
+    named = dict(tensors)
+    if cfg.tie_embeddings:
+        named.pop("lm_head.weight", None)  # transformers ties it to the token embedding whatever the file holds
+    _check_names(named, set(names.values()), where, f"gptrain, {cfg.n_layers} layers")
+    P = cfg.padded_vocab_size
+    state = {ours: _padded_rows(named[theirs], P) if _has_vocab_rows(ours) else named[theirs]
+             for ours, theirs in names.items()}
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["tok_emb.weight"]
+    _check_shapes(cfg, state, where)
+    return cfg, state
+
+
+GPTRAIN_FREE = frozenset({*GPTRAIN_OPTIONS, "value_embeds", "tie_embeddings"})
+GPTRAIN = Family(
+    name="gptrain", architecture="GptrainForCausalLM", model_type="gptrain", reads=("GptrainForCausalLM",),
+    requires={}, free=GPTRAIN_FREE, to_hf=_gptrain_to_hf, from_hf=_gptrain_from_hf,
+    holds=SHAPE | GPTRAIN_FREE, code_files=CODE_FILES)
+
+# Tried in this order: the standard classes whenever they compute the model (no remote code to trust).
+FAMILIES: tuple[Family, ...] = (GPT2, NANOCHAT, GPTRAIN)
 
 
 def family_for(cfg: ModelConfig) -> Family:
-    """The family whose mapping computes exactly what `cfg` does, or a UserError naming what none can."""
-    refusals = {}
+    """The first family whose mapping computes exactly what `cfg` does, or a UserError naming what none can."""
     for fam in FAMILIES:
-        refusals[fam.name] = fam.refusals(cfg)
-        if not refusals[fam.name]:
+        if not fam.refusals(cfg):
             return fam
-    said = "; ".join(f"as {fam.architecture}: {', '.join(refusals[fam.name])}" for fam in FAMILIES)
     raise UserError(
-        "this model cannot be exported to a Hugging Face folder: no transformers class computes its combination "
-        f"of options ({said}). Export supports the gpt2 family (learned positions, LayerNorm, GELU; with or "
-        "without biases and a tied head) and the modern family (rotary, RMSNorm, QK-norm, relu²; any soft-cap, "
-        "tied or untied head).")
+        "this model cannot be exported to a Hugging Face folder: gptrain's export does not know the setting(s) "
+        f"{', '.join(GPTRAIN.refusals(cfg))}. Every other model setting exports (as {GPT2.architecture}, "
+        f"{NANOCHAT.architecture} or {GPTRAIN.architecture}); set these to their defaults to export.")
 
 
 # ================================================================================ tokenizers
@@ -642,6 +735,8 @@ def save_hf(model_cfg: ModelConfig, state: dict[str, torch.Tensor], tokenizer: T
         _write_text(tmp / "generation_config.json", json.dumps(generation, indent=2) + "\n")
         for name, text in files.items():
             _write_text(tmp / name, text)
+        for name in family.code_files:  # the remote code config.json's auto_map names
+            _write_text(tmp / name, _remote_code(name))
         _write_text(tmp / RECORD, json.dumps(record, indent=2, ensure_ascii=False) + "\n")  # last: marks an export
         fsync_path(tmp)
         _replace_dir(tmp, out_dir)
@@ -649,6 +744,13 @@ def save_hf(model_cfg: ModelConfig, state: dict[str, torch.Tensor], tokenizer: T
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _remote_code(name: str) -> str:
+    """The text of one of gptrain.hf_remote's files (read as package data: also from a zipped install)."""
+    from importlib.resources import files
+
+    return (files("gptrain.hf_remote") / name).read_text(encoding="utf-8")
 
 
 def _record_tokenizer_json(tok: Tokenizer) -> str | None:
@@ -741,6 +843,25 @@ def is_hf_folder(path: str | Path) -> bool:
     try:
         return p.is_dir() and "model_type" in json.loads((p / "config.json").read_text())
     except (OSError, json.JSONDecodeError, TypeError):
+        return False
+
+
+def runs_own_remote_code(hf_dir: str | Path) -> bool | None:
+    """Whether transformers runs code from the folder (its config.json has an `auto_map`) that is exactly this
+    gptrain's (gptrain.hf_remote, byte for byte): True, it may be loaded with trust_remote_code=True as safely
+    as gptrain itself runs; False, other code (an older gptrain's, edited, or not gptrain's); None, no code."""
+    hf_dir = Path(hf_dir)
+    try:
+        auto_map = json.loads((hf_dir / "config.json").read_text()).get("auto_map")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    if not auto_map:
+        return None
+    modules = {f"{str(ref).split('.')[0]}.py" for ref in auto_map.values()}
+    try:
+        return modules <= set(CODE_FILES) and all(
+            (hf_dir / name).read_text(encoding="utf-8") == _remote_code(name) for name in CODE_FILES)
+    except (OSError, UnicodeDecodeError):
         return False
 
 
@@ -864,7 +985,7 @@ def load_hf_model(hf_dir: str | Path, pad_vocab_multiple: int | None = None
     record = _read_record(hf_dir)
     multiple = pad_vocab_multiple
     if record is not None and record.get("family") == family.name:
-        model_cfg, state, recorded = _restore_settings(model_cfg, state, record.get("model") or {})
+        model_cfg, state, recorded = _restore_settings(model_cfg, state, record.get("model") or {}, family.holds)
         multiple = multiple or recorded
     if multiple and multiple != model_cfg.pad_vocab_multiple:
         model_cfg, state = repad_vocab(model_cfg, state, multiple)
@@ -878,11 +999,12 @@ def load_hf_model(hf_dir: str | Path, pad_vocab_multiple: int | None = None
     return model_cfg, state, tokenizer
 
 
-def _restore_settings(cfg: ModelConfig, state: dict[str, torch.Tensor], saved: dict
+def _restore_settings(cfg: ModelConfig, state: dict[str, torch.Tensor], saved: dict, holds: frozenset[str]
                       ) -> tuple[ModelConfig, dict[str, torch.Tensor], int | None]:
     """The settings gptrain.json recorded at export that a transformers folder cannot hold (no biases, no
     norm gains, dropout, initialisation), where the weights still agree with them: the weights the recorded
-    model lacks must still be zero biases and unit gains. Also returns the recorded vocabulary padding."""
+    model lacks must still be zero biases and unit gains. `holds`: the settings config.json holds, which win.
+    Also returns the recorded vocabulary padding."""
     names = {f.name for f in dataclasses.fields(ModelConfig)}
     try:
         recorded = ModelConfig(**{k: v for k, v in saved.items() if k in names})
@@ -890,7 +1012,8 @@ def _restore_settings(cfg: ModelConfig, state: dict[str, torch.Tensor], saved: d
         return cfg, state, None
     if any(getattr(recorded, k) != getattr(cfg, k) for k in [*SHAPE, "tie_embeddings"]):
         return cfg, state, None  # config.json was edited since the export: it wins
-    candidate = dataclasses.replace(recorded, pad_vocab_multiple=cfg.pad_vocab_multiple)  # the layout of `state`
+    candidate = dataclasses.replace(recorded, pad_vocab_multiple=cfg.pad_vocab_multiple,  # the layout of `state`
+                                    **{k: getattr(cfg, k) for k in holds})
     keep = _gpt_state_shapes(candidate)
     dropped = {k: v for k, v in state.items() if k not in keep}
     neutral = all(not bool(v.any()) if k.endswith(".bias") else bool((v == 1).all()) for k, v in dropped.items())

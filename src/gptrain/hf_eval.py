@@ -8,7 +8,12 @@ lm-eval then scores the folder through transformers (`--model hf`), exactly as
 
     lm_eval --model hf --model_args pretrained=DIR,dtype=float32 --tasks NAMES --include_path TASK_DIR
 
-would. A task given as a YAML file (or a folder of them) is read from there: with `dataset_path: json`
+would. A model exported as GptrainForCausalLM (gptrain's own architecture as transformers remote code: value
+embeddings and other option mixes no standard class computes) is loaded with trust_remote_code=True, given
+only when the folder's code is this gptrain's own, byte for byte: code gptrain runs anyway. A folder with any
+other remote code is refused (lm_eval itself can be told to trust it).
+
+A task given as a YAML file (or a folder of them) is read from there: with `dataset_path: json`
 and `dataset_kwargs: {data_files: {test: questions.jsonl}}` it needs no network at all.
 """
 
@@ -95,8 +100,11 @@ def evaluate_tasks(model: str | Path, tasks: Sequence[str], *, include_path=None
         else:
             tmp = Path(tempfile.mkdtemp(prefix="gptrain-eval-"))
             folder = export_hf(model, tmp / "model", dtype=dtype)
+        model_args = {"pretrained": str(folder), "dtype": _torch_dtype_name(dtype)}
+        if _needs_own_remote_code(folder):
+            model_args["trust_remote_code"] = True
         out = lm_eval.simple_evaluate(
-            model="hf", model_args={"pretrained": str(folder), "dtype": _torch_dtype_name(dtype)},
+            model="hf", model_args=model_args,
             tasks=names, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, device=device,
             task_manager=manager, bootstrap_iters=bootstrap_iters, log_samples=log_samples,
             random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
@@ -109,6 +117,19 @@ def evaluate_tasks(model: str | Path, tasks: Sequence[str], *, include_path=None
     if log_samples:
         report["samples"] = out.get("samples", {})
     return report
+
+
+def _needs_own_remote_code(folder: Path) -> bool:
+    """Whether transformers must run the folder's code to load it; a UserError when that code is not gptrain's."""
+    from gptrain.export import runs_own_remote_code
+
+    ours = runs_own_remote_code(folder)
+    if ours is False:
+        raise UserError(f"{folder} holds remote code (config.json's auto_map) that is not this gptrain's own, "
+                        "so gptrain will not run it. Export the run again with this gptrain (gptrain export), or, "
+                        "if you trust the folder's code, score it with lm_eval --model hf --model_args "
+                        f"pretrained={folder},trust_remote_code=True.")
+    return bool(ours)
 
 
 def _metric_name(key: str) -> str:

@@ -15,7 +15,7 @@ setting of its own, so a researcher can switch one back and measure it:
     bias             on                off               biases in Linear layers and norms
     tie_embeddings   on                off               the LM head shares the token embedding
     init             gpt2              fan_in            N(0, 0.02) everywhere, or 1/√fan_in matrices (see below)
-    value_embeds     off               off (option)      every other layer adds a token embedding to its values
+    value_embeds     off               on                every other layer adds a token embedding to its values
 
 Value embeddings (modded-nanogpt, nanochat) are lookup tables: capacity without matrix products, which a
 model of the default budget (4 layers × 192, 300 steps of 16 × 256 tokens) gains most from.
@@ -56,10 +56,7 @@ FAMILIES: dict[str, dict] = {
                  init="gpt2", value_embeds=False),
     "modern": dict(pos_embedding="rotary", norm="rmsnorm", norm_weight=False, embed_norm=True, qk_norm=True,
                    mlp_activation="relu2", zero_init_proj=True, logit_softcap=15.0, bias=False,
-                   # value_embeds pays at the default budget (val 3.53 against 3.83 after 300 steps, measured in
-                   # benchmarks/RESULTS.md) but no transformers class computes it yet, so it stays an option
-                   # (--value-embeds) until gptrain.export can write it: the default model must be able to leave.
-                   tie_embeddings=False, init="fan_in", value_embeds=False),
+                   tie_embeddings=False, init="fan_in", value_embeds=True),
 }
 DEFAULT_FAMILY = "modern"  # the family of `gptrain train` without --preset/--family
 POS_EMBEDDINGS = ("learned", "rotary")

@@ -88,8 +88,8 @@ class OptimConfig:
                                               hint="(0: no warm-up)")
     muon_weight_decay: float = setting(0.0, "muon: decoupled weight decay of the matrices", ge=0)
     ns_steps: int = setting(5, "muon: Newton–Schulz iterations per orthogonalisation", ge=1, le=20)
-    ns_precision: str = setting("auto", "muon: precision of the Newton–Schulz products (auto: bf16 on CUDA, fp32 on "
-                                "CPU, where every layout then matches one process to rounding)",
+    ns_precision: str = setting("auto", "muon: precision of the Newton–Schulz products (auto: bf16 where the "
+                                "device multiplies bf16 natively: CUDA, CPUs with AVX512-BF16 or AMX; else fp32)",
                                 choices=NS_PRECISIONS)
     embed_lr: float = setting(0.3, "muon: AdamW peak learning rate of the token, position and value embeddings, "
                               "at d_model 768 (× √(768/d_model))", gt=0)
@@ -199,10 +199,9 @@ class MuonAdamW(torch.optim.Optimizer):
         found_inf = getattr(self, "found_inf", None)
         grad_scale = getattr(self, "grad_scale", None)
         for group in self.param_groups:
-            if group["kind"] == "muon":
-                self._muon_step(group, found_inf, grad_scale)
-            else:
+            if group["kind"] != "muon":
                 self._adamw_step(group, found_inf, grad_scale)
+        self._muon_step([g for g in self.param_groups if g["kind"] == "muon"], found_inf, grad_scale)
         return loss
 
     def _adamw_step(self, group: dict, found_inf, grad_scale) -> None:
@@ -233,21 +232,29 @@ class MuonAdamW(torch.optim.Optimizer):
             found_inf=found_inf if self.fused else None, has_complex=False, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
             eps=group["eps"], maximize=False)
 
-    def _muon_step(self, group: dict, found_inf, grad_scale) -> None:
-        lr, wd, momentum = group["lr"], group["weight_decay"], group["momentum"]
+    def _muon_step(self, groups: list[dict], found_inf, grad_scale) -> None:
+        """Every Muon matrix of every group in one pass: the momentum updates first, then one batched
+        orthogonalisation of all of them (`orthogonalize_all`), then the weights."""
         skip = found_inf.to(torch.bool) if found_inf is not None else None
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            weight, grad, buf = _local(p), _local(p.grad), _local(state["momentum_buffer"])
-            if grad_scale is not None:
-                grad = grad / grad_scale.to(grad.dtype)
-            new_buf = buf.lerp(grad, 1 - momentum)
-            update = grad.lerp(new_buf, momentum) if group["nesterov"] else new_buf
-            ortho = orthogonalize(_gather_full(update, p), group["ns_steps"], group["split"], group["ns_dtype"])
+        todo = []  # (group, param, new momentum buffer, the whole update matrix)
+        for group in groups:
+            momentum = group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                grad, buf = _local(p.grad), _local(state["momentum_buffer"])
+                if grad_scale is not None:
+                    grad = grad / grad_scale.to(grad.dtype)
+                new_buf = buf.lerp(grad, 1 - momentum)
+                update = grad.lerp(new_buf, momentum) if group["nesterov"] else new_buf
+                todo.append((group, p, new_buf, _gather_full(update, p)))
+        orthos = orthogonalize_all([(full, g["split"], g["ns_steps"], g["ns_dtype"]) for g, _, _, full in todo])
+        for (group, p, new_buf, _), ortho in zip(todo, orthos, strict=True):
+            lr, wd = group["lr"], group["weight_decay"]
+            weight, buf = _local(p), _local(self.state[p]["momentum_buffer"])
             ortho = _local_shard_like(ortho.to(weight.dtype), p)
             rows, cols = _block_shape(p.shape, group["split"])
             step_lr = lr * math.sqrt(max(1.0, rows / cols))  # a tall matrix's unit update has a smaller RMS
@@ -274,38 +281,67 @@ def orthogonalize(matrix: torch.Tensor, steps: int = 5, split: tuple[int, int] |
     split (parts, head_dim): the rows are (heads, parts, head_dim) head-major (the fused QKV weight); each
     of the `parts` row blocks is orthogonalised as a matrix of its own. dtype: an NS_PRECISIONS value.
     """
-    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(dtype) or newton_schulz_dtype(matrix.device)
-    if split is not None:
-        parts, head_dim = split
-        cols = matrix.size(1)
-        blocks = matrix.view(-1, parts, head_dim, cols).transpose(0, 1).reshape(parts, -1, cols)
-        out = _newton_schulz(blocks, steps, dt)
-        return out.view(parts, -1, head_dim, cols).transpose(0, 1).reshape(matrix.shape)
-    return _newton_schulz(matrix, steps, dt)
+    return orthogonalize_all([(matrix, split, steps, dtype)])[0]
+
+
+def orthogonalize_all(jobs: list[tuple[torch.Tensor, tuple[int, int] | None, int, str]]) -> list[torch.Tensor]:
+    """`orthogonalize(matrix, steps, split, dtype)` for each job, computed in batches: every block of the
+    same shape (a tall one transposed: Newton–Schulz iterates on the smaller Gram matrix) goes through one
+    batched product per iteration. A model's matrices come in a few shapes, so a step runs a few large
+    products instead of one small product per matrix: small products leave CPU threads idle."""
+    prepared = []  # per job: its blocks, shape (n, rows, cols) with rows ≤ cols, and whether transposed
+    batches: dict[tuple, list[int]] = {}
+    for i, (matrix, split, steps, dtype) in enumerate(jobs):
+        if split is not None:
+            parts, head_dim = split
+            blocks = matrix.view(-1, parts, head_dim, matrix.size(1)).transpose(0, 1).reshape(parts, -1, matrix.size(1))
+        else:
+            blocks = matrix.unsqueeze(0)
+        tall = blocks.size(-2) > blocks.size(-1)
+        blocks = blocks.mT if tall else blocks
+        prepared.append((blocks, tall))
+        dt = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(dtype) or newton_schulz_dtype(matrix.device)
+        batches.setdefault((tuple(blocks.shape[1:]), steps, dt, matrix.device), []).append(i)
+    out: list[torch.Tensor] = [None] * len(jobs)  # type: ignore[list-item]
+    for (_, steps, dt, _), members in batches.items():
+        stacked = torch.cat([prepared[i][0] for i in members]) if len(members) > 1 else prepared[members[0]][0]
+        ortho = _newton_schulz(stacked, steps, dt)
+        for i, blocks in zip(members, ortho.split([prepared[i][0].size(0) for i in members]), strict=True):
+            matrix, split = jobs[i][0], jobs[i][1]
+            blocks = blocks.mT if prepared[i][1] else blocks
+            if split is not None:
+                blocks = blocks.reshape(split[0], -1, split[1], matrix.size(1)).transpose(0, 1)
+            out[i] = blocks.reshape(matrix.shape)
+    return out
 
 
 def _newton_schulz(g: torch.Tensor, steps: int, dtype: torch.dtype) -> torch.Tensor:
+    """Batched (n, rows, cols), rows ≤ cols."""
     a, b, c = NS_COEFFICIENTS
     x = g.to(dtype)
-    wide = x.size(-2) <= x.size(-1)
-    if not wide:  # iterate on the smaller Gram matrix
-        x = x.mT
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm ≤ Frobenius norm ≤ 1
     for _ in range(steps):
         gram = x @ x.mT
-        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c) if x.dim() == 3 else \
-            torch.addmm(gram, gram, gram, beta=b, alpha=c)  # b·G + c·G², one kernel
-        x = torch.baddbmm(x, poly, x, beta=a) if x.dim() == 3 else torch.addmm(x, poly, x, beta=a)
-    return x if wide else x.mT
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b·G + c·G², one kernel
+        x = torch.baddbmm(x, poly, x, beta=a)
+    return x
 
 
 def newton_schulz_dtype(device: torch.device) -> torch.dtype:
-    """ns_precision "auto": bf16 on CUDA (the products run at bf16 speed and the iteration tolerates it);
-    fp32 elsewhere. On a CPU with native bf16 products (AVX512-BF16, AMX) bf16 is faster (the tiny
-    model's Muon step: 36 against 62 ms, 2 cores), but rounding the gathered matrix to bf16 turns the
-    last-bit differences between layouts into differences of 1e-5 to 1e-4 in the loss after 20 steps,
-    against 2e-7 in fp32; --ns-precision bf16 chooses speed."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    """ns_precision "auto": bf16 where the device multiplies bf16 natively, fp32 elsewhere (where bf16 products
+    are emulated and far slower). The iteration tolerates bf16 (Muon's reference implementations run it so)
+    and the update is a direction whose size the learning rate sets; fp32 gives layouts that match one process
+    to rounding, bf16 turns last-bit differences between layouts into ~5e-5 in the loss after 20 steps
+    (benchmarks/RESULTS.md has both measurements)."""
+    if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
+        return torch.bfloat16
+    return torch.float32
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX tiles)."""
+    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(check() for check in checks if check is not None)
 
 
 def _block_shape(shape: torch.Size, split: tuple[int, int] | None) -> tuple[int, int]:
