@@ -45,7 +45,7 @@ from gptrain.optim import OptimConfig, apply_schedule, build_optimizer, optim_se
 
 PRESET = "tiny"
 BATCH = 16
-SEED = 1337  # model initialisation and batch order; --seed changes it
+SEED = 1337  # the default of --seed: model initialisation and batch order
 
 
 @dataclass
@@ -73,18 +73,19 @@ def contenders(ablations: bool) -> list[Contender]:
 class Run:
     """One contender: its model, optimizer, batches and clock."""
 
-    def __init__(self, c: Contender, vocab: int, train_tokens, device, compile: bool):
+    def __init__(self, c: Contender, vocab: int, train_tokens, device, compile: bool, seed: int):
         self.c = c
+        self.seed = seed
         settings = {**model_settings_for(PRESET, c.family), **c.model_overrides}
         self.cfg = ModelConfig(vocab_size=vocab, **settings)
         self.seq_len = self.cfg.max_position_embeddings
-        torch.manual_seed(SEED)
+        torch.manual_seed(seed)
         self.model = GPT(self.cfg).to(device)
         self.model.loss_chunk_size = 1024 if device.type == "cpu" else 0
         self.step_fn = torch.compile(self.model) if compile else self.model
         self.ocfg = OptimConfig(**{**optim_settings_for(c.family), **c.optim_overrides})
         self.optimizer = build_optimizer(self.model, self.ocfg, device)
-        self.batches = TrainBatches(train_tokens, self.seq_len, BatchLayout(BATCH, 1, 1, 0), SEED)
+        self.batches = TrainBatches(train_tokens, self.seq_len, BatchLayout(BATCH, 1, 1, 0), seed)
         self.params = list(self.model.parameters())
         self.device = device
         self.num_steps = 0
@@ -115,14 +116,13 @@ class Run:
 
     def reset(self) -> None:
         """Back to step 0 with fresh weights (after calibration)."""
-        torch.manual_seed(SEED)
+        torch.manual_seed(self.seed)
         self.model.reset_parameters()
         self.optimizer = build_optimizer(self.model, self.ocfg, self.device)
         self.step, self.seconds = 0, 0.0
 
 
 def main() -> None:
-    global SEED
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", help="prepared dataset dir (default: the default corpus, prepared if needed)")
     ap.add_argument("--seconds", type=float, default=240.0, help="training seconds per contender")
@@ -136,7 +136,6 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's choice)")
     ap.add_argument("--out", default="benchmarks/out/recipe_race", help="results folder (JSON and PNG)")
     args = ap.parse_args()
-    SEED = args.seed
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.compile:  # one GPT.forward, compiled once per contender: more than dynamo's default 8 variants
@@ -151,7 +150,7 @@ def main() -> None:
     vocab = int(meta["vocab_size"])
     from gptrain.data.tokenizer import load_dataset_tokenizer
 
-    runs = [Run(c, vocab, train_tokens, device, args.compile) for c in contenders(args.ablations)]
+    runs = [Run(c, vocab, train_tokens, device, args.compile, args.seed) for c in contenders(args.ablations)]
     seq_len = runs[0].seq_len
     bytes_per_token = eval_bytes_per_token(val_tokens, load_dataset_tokenizer(data_dir), seq_len, args.eval_tokens)
 

@@ -480,8 +480,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, n_params: int) -> float:
     multiplies activations: n_params less the learned position table (a lookup; rotary has no parameter), the
     value embeddings (lookups) and, when the head is untied, the token embedding (a lookup; the untied head
     is its own matrix and counts). A tied embedding counts once, for the head's product. Norm gains and
-    biases stay in N (a rounding error). Attention scores and their weighting count 12·n_layers·d_model·T over the full
-    context T (causal masking not subtracted). Rotary, QK-norm, ReLU² and soft-capping are element-wise
+    biases stay in N (a rounding error). Attention scores and their weighting count 12·n_layers·d_model·T
+    over the full context T (causal masking not subtracted). Rotary, QK-norm, ReLU² and soft-capping are element-wise
     and not counted; neither is the optimizer (Muon's Newton–Schulz products are not model FLOPs).
     """
     n = n_params

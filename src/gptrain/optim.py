@@ -19,9 +19,10 @@ computed with a few Newton–Schulz iterations. Here:
   q, k and v, each d_model × d_model, as if they were separate projections (modded-nanogpt and
   nanochat keep them apart): one orthogonalisation of the 3d × d stack would spread a single set of
   unit singular values over the three.
-- Newton–Schulz runs in bf16 on CUDA (its iteration tolerates it; the matrix products run at bf16
-  speed) and in fp32 elsewhere (fp32 keeps every layout's result within rounding of one process; see
-  `newton_schulz_dtype`), unless --ns-precision says otherwise.
+- Newton–Schulz runs in bf16 where the device multiplies bf16 natively (CUDA; CPUs with AVX512-BF16 or
+  AMX): its iteration tolerates it and the products run at bf16 speed; in fp32 elsewhere (see
+  `newton_schulz_dtype`), unless --ns-precision says otherwise. All matrices of one shape are
+  orthogonalised in one batch (`orthogonalize_all`).
 - torch.optim.Muon is not used: its step works per local tensor (no whole-matrix orthogonalisation of
   a sharded parameter), orthogonalises in bf16 on every device, and has no skipped step.
 
@@ -33,6 +34,7 @@ momentum and weights with `torch.where`.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -229,8 +231,8 @@ class MuonAdamW(torch.optim.Optimizer):
         adamw_update(
             params, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=None if self.fused else True,
             fused=self.fused or None, grad_scale=grad_scale if self.fused else None,
-            found_inf=found_inf if self.fused else None, has_complex=False, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
-            eps=group["eps"], maximize=False)
+            found_inf=found_inf if self.fused else None, has_complex=False, amsgrad=False, beta1=beta1,
+            beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
 
     def _muon_step(self, groups: list[dict], found_inf, grad_scale) -> None:
         """Every Muon matrix of every group in one pass: the momentum updates first, then one batched
@@ -338,6 +340,7 @@ def newton_schulz_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+@functools.cache  # asked for every matrix of every step; the answer never changes
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX tiles)."""
     checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
